@@ -1,0 +1,158 @@
+//! The `pgmm` command line: parsing, and the commands that drive the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::frontdoor::{self, FrontDoor, FrontDoorError};
+use crate::metrics::{self, FrontDoorMetrics, MetricsError};
+
+#[derive(Debug, Parser)]
+#[command(name = "pgmm", version, about = "Multi-master replication proxy for PostgreSQL")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run this node: the client front door and the metrics endpoint.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: prints a one-line summary, or the error (exit 2).
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// Why `serve` could not start or stopped abnormally.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    FrontDoor(#[from] FrontDoorError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot install the signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+impl ServeError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            ServeError::Config(e) => e.sqlstate(),
+            ServeError::FrontDoor(e) => e.sqlstate(),
+            ServeError::Metrics(e) => e.sqlstate(),
+            ServeError::Signal(_) => "58000",
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(config) => {
+                println!("{}", config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "pgmm stopped");
+                    eprintln!("pgmm: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let shutdown = CancellationToken::new();
+    let signals = watch_signals(shutdown.clone())?;
+    let result = run_node(config, shutdown).await;
+    signals.abort();
+    result
+}
+
+/// Everything a node runs, stopped by `shutdown`; separate from signal handling so that a
+/// test can run several nodes in one process.
+pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let registry = Arc::new(metrics::new_registry()?);
+    let door_metrics = FrontDoorMetrics::register(&registry)?;
+    let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
+    let listener = frontdoor::bind(&config.client.listen).await?;
+    let metrics_task = match &config.metrics {
+        Some(m) => {
+            let listener = metrics::bind(&m.listen).await?;
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                registry.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    tracing::info!(node = %config.node.name, cluster = %config.cluster.name, "pgmm started");
+    let grace = Duration::from_secs(config.client.shutdown_grace_seconds);
+    frontdoor::serve(door, listener, shutdown.clone(), grace).await;
+    shutdown.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("pgmm stopped");
+    Ok(())
+}
+
+fn watch_signals(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    }))
+}

@@ -1,0 +1,279 @@
+//! The node's configuration file: one TOML document, parsed and validated in full at start-up.
+//!
+//! Everything a later stage relies on (node names usable as slot names, owners that are real
+//! nodes, peers that are members of the cluster) is checked here, once, so that the rest of pgmm
+//! can trust a loaded [`Config`]. Every error names the offending key and its line, because the
+//! person reading it is an operator with the file open in an editor.
+
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::table::TableName;
+
+/// Default seconds a SIGTERM waits for client sessions before the process exits anyway.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Default size of pgmm's own pool of connections to the local Postgres (apply, bookkeeping).
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// Default LWW column, the design's `updated_at`.
+pub const DEFAULT_CONFLICT_COLUMN: &str = "updated_at";
+/// Port libpq and tokio-postgres assume when the URL names none.
+const DEFAULT_POSTGRES_PORT: u16 = 5432;
+
+/// A validated node configuration. Build it with [`Config::load`] or [`Config::parse`]; the
+/// helper methods rely on the invariants those establish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    pub client: ClientConfig,
+    pub postgres: PostgresConfig,
+    /// `[peer]`: where this node listens for other pgmm nodes; absent on a front-door-only node.
+    pub peer: Option<PeerListenConfig>,
+    /// `[[peers]]`: the other nodes this node connects to.
+    pub peers: Vec<PeerEntry>,
+    pub metrics: Option<MetricsConfig>,
+    pub replication: ReplicationConfig,
+    pub ownership: Vec<OwnershipRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// `[a-z0-9_]+`: it becomes part of slot and origin names (`pgmm_<node>`).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Ordered: row ownership by key gives node `i` of `n` the rows with `key % n == i`.
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// `host:port` of the front door.
+    pub listen: String,
+    /// Both or neither (checked): with both, SSLRequest is answered with TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A libpq-style URL or key/value string; known to parse as a `tokio_postgres::Config`
+    /// with at least one host.
+    pub url: String,
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerListenConfig {
+    pub listen: String,
+    pub secret_file: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// A member of `cluster.nodes` other than this node.
+    pub name: String,
+    /// `host:port` of that node's `[peer] listen`.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Patterns as written: `schema.table`, either part may be `*`. Match with
+    /// [`ReplicationConfig::matches`], which folds case the way [`TableName::parse`] does.
+    pub tables: Vec<String>,
+    pub conflict_column: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            tables: Vec::new(),
+            conflict_column: DEFAULT_CONFLICT_COLUMN.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnershipRule {
+    pub table: TableName,
+    pub owner: OwnerSpec,
+}
+
+/// Who may write a table; see design.md, "Ownership rules".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerSpec {
+    /// `owner = "b"`: only node `b` writes the table.
+    Node(String),
+    /// `owner_column = "home_node"`: a row belongs to the node named in that column.
+    Column(String),
+    /// `owner_key = "id"`: node `i` of `n` owns the rows with `id % n == i`.
+    Key(String),
+}
+
+/// One error for the whole configuration boundary. Every variant carries the file path, and all
+/// but `Io` the 1-based line, so the operator can jump straight to the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or valid TOML that does not fit the schema (unknown or missing keys,
+    /// wrong value types).
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// Fits the schema but breaks a rule; `key` is the dotted key path, e.g. `ownership.owner`.
+    #[error("{}:{line}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// SQLSTATE `F0000` (config_file_error), so config failures surface like the other error
+    /// enums when reported to a client.
+    pub fn sqlstate(&self) -> &'static str {
+        "F0000"
+    }
+
+    /// The 1-based line the error points at, when there is one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Io { .. } => None,
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => Some(*line),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `origin` only names the file in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        validate::parse(text, origin)
+    }
+
+    /// One line for `pgmm check-config` and the start-up log.
+    pub fn summary(&self) -> String {
+        format!(
+            "config ok: node {:?} of cluster {:?} ({}), client {}, {}, {}, {}",
+            self.node.name,
+            self.cluster.name,
+            plural(self.cluster.nodes.len(), "node"),
+            self.client.listen,
+            plural(self.peers.len(), "peer"),
+            plural(self.replication.tables.len(), "table pattern"),
+            plural(self.ownership.len(), "ownership rule"),
+        )
+    }
+
+    /// This node's position in `cluster.nodes`, the `i` of key ownership (`key % n == i`).
+    pub fn node_index(&self) -> usize {
+        self.cluster
+            .nodes
+            .iter()
+            .position(|n| *n == self.node.name)
+            .expect("Config::parse guarantees node.name is in cluster.nodes")
+    }
+
+    /// The ownership rule for `table`, if any (at most one exists: duplicates are rejected).
+    pub fn owner_of_table(&self, table: &TableName) -> Option<&OwnershipRule> {
+        self.ownership.iter().find(|rule| rule.table == *table)
+    }
+}
+
+impl PostgresConfig {
+    /// Where the relay connects: the first host (a Unix-socket directory is returned as its
+    /// path) and its port, 5432 when none is given. A `hostaddr` wins over `host`, as in libpq,
+    /// because it is the address actually dialled.
+    pub fn host_port(&self) -> (String, u16) {
+        // `url` was validated at load; a hand-built invalid one falls back to libpq defaults.
+        let Ok(pg) = self.url.parse::<tokio_postgres::Config>() else {
+            return ("localhost".to_owned(), DEFAULT_POSTGRES_PORT);
+        };
+        postgres_host_port(&pg).unwrap_or_else(|| ("localhost".to_owned(), DEFAULT_POSTGRES_PORT))
+    }
+}
+
+/// First host and its port; `None` when the config names no host at all.
+fn postgres_host_port(pg: &tokio_postgres::Config) -> Option<(String, u16)> {
+    let host = match (pg.get_hostaddrs().first(), pg.get_hosts().first()) {
+        (Some(addr), _) => addr.to_string(),
+        (None, Some(tokio_postgres::config::Host::Tcp(name))) => name.clone(),
+        #[cfg(unix)]
+        (None, Some(tokio_postgres::config::Host::Unix(dir))) => dir.display().to_string(),
+        (None, None) => return None,
+    };
+    // One port applies to every host; otherwise ports pair with hosts in order.
+    let port = pg
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(DEFAULT_POSTGRES_PORT);
+    Some((host, port))
+}
+
+impl ReplicationConfig {
+    /// Whether `table` is covered by a `tables` pattern. Schema `pgmm` never matches: pgmm's
+    /// own bookkeeping is per node and must not be replicated.
+    pub fn matches(&self, table: &TableName) -> bool {
+        table.schema != validate::PGMM_SCHEMA
+            && self
+                .tables
+                .iter()
+                .any(|pattern| validate::parse_pattern(pattern).is_some_and(|p| p.matches(table)))
+    }
+}
+
+impl fmt::Display for OwnerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Node(node) => write!(f, "owner = {node:?}"),
+            Self::Column(column) => write!(f, "owner_column = {column:?}"),
+            Self::Key(key) => write!(f, "owner_key = {key:?}"),
+        }
+    }
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}

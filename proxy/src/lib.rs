@@ -1,0 +1,15 @@
+//! pgmm: a multi-master replication proxy for PostgreSQL.
+//!
+//! See `docs/ARCHITECTURE.md` for the map of the modules and the data flow.
+
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod frontdoor;
+pub mod metrics;
+pub mod ownership;
+pub mod refusal;
+pub mod session;
+pub mod table;
+pub mod tls;
+pub mod wire;

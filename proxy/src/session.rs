@@ -1,0 +1,447 @@
+//! One client session: the startup negotiation, then a 1:1 relay to one backend connection.
+//!
+//! The relay forwards bytes as they arrive and never re-encodes a message. Client-to-server it
+//! stops at message boundaries only for Query and Parse (to classify and, when this node does
+//! not own the written table, replace them; see [`crate::refusal`]); server-to-client it is a
+//! copy that tracks boundaries so the refusal filter can engage mid-stream. The two directions
+//! run concurrently in one task, so neither can block the other (a pipelining client and a
+//! server streaming results never deadlock), and a session costs one task and two buffers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::frontdoor::FrontDoor;
+use crate::refusal::{self, Pending, ResponseFilter};
+use crate::wire::{self, Header, StartupRequest, WireError};
+
+/// Why a session ended abnormally.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("client: {0}")]
+    Client(WireError),
+    #[error("server: {0}")]
+    Server(WireError),
+    #[error("cannot reach the local Postgres at {addr}: {source}")]
+    Backend { addr: String, source: io::Error },
+    #[error("client did not complete start-up within {0:?}")]
+    StartupTimeout(std::time::Duration),
+}
+
+impl SessionError {
+    /// SQLSTATE reported to the client where it can still be told.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            SessionError::Client(e) | SessionError::Server(e) => e.sqlstate(),
+            SessionError::Backend { .. } => "08006",
+            SessionError::StartupTimeout(_) => "08P01",
+        }
+    }
+}
+
+/// Read buffer size per direction; the buffer only grows past it for a Query or Parse longer
+/// than that, and shrinks back afterwards.
+const BUF_SIZE: usize = 8 * 1024;
+
+/// Serves one accepted client connection to its end, logging why it ended.
+pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    door.metrics.client_connections.inc();
+    let result = negotiate(&door, stream).await;
+    door.metrics.client_connections.dec();
+    match result {
+        Ok(()) => tracing::debug!(%peer, "session closed"),
+        Err(SessionError::Client(WireError::Io(e)) | SessionError::Server(WireError::Io(e))) => {
+            tracing::debug!(%peer, error = %e, "session ended by I/O error")
+        }
+        Err(e) => {
+            if let SessionError::Client(w) = &e {
+                if let Some(reason) = w.reason() {
+                    door.metrics
+                        .protocol_errors
+                        .with_label_values(&[reason])
+                        .inc();
+                }
+            }
+            tracing::warn!(%peer, error = %e, "closing client connection");
+        }
+    }
+}
+
+/// What the client asked for once the optional TLS negotiation is over.
+enum Opening {
+    Tls,
+    Startup(Bytes),
+    Cancel(Bytes),
+}
+
+async fn negotiate(door: &FrontDoor, mut tcp: TcpStream) -> Result<(), SessionError> {
+    let first = with_startup_timeout(door, opening(&mut tcp, door.tls.is_some())).await?;
+    match first {
+        Opening::Startup(packet) => {
+            let (r, w) = tcp.split();
+            relay(door, r, w, packet).await
+        }
+        Opening::Cancel(packet) => cancel(door, packet).await,
+        Opening::Tls => {
+            let acceptor = door.tls.as_ref().expect("TLS offered only when configured");
+            tcp.write_all(b"S")
+                .await
+                .map_err(|e| SessionError::Client(e.into()))?;
+            let mut tls = with_startup_timeout(door, async {
+                acceptor
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| SessionError::Client(WireError::Tls(e.to_string())))
+            })
+            .await?;
+            match with_startup_timeout(door, opening(&mut tls, false)).await? {
+                Opening::Startup(packet) => {
+                    let (r, w) = tokio::io::split(tls);
+                    relay(door, r, w, packet).await
+                }
+                Opening::Cancel(packet) => cancel(door, packet).await,
+                Opening::Tls => unreachable!("TLS is not offered twice"),
+            }
+        }
+    }
+}
+
+async fn with_startup_timeout<T>(
+    door: &FrontDoor,
+    fut: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(door.startup_timeout, fut)
+        .await
+        .map_err(|_| SessionError::StartupTimeout(door.startup_timeout))?
+}
+
+/// Answers SSLRequest and GSSENCRequest until the client sends what opens the session.
+async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    offer_tls: bool,
+) -> Result<Opening, SessionError> {
+    let client_err = |e: io::Error| SessionError::Client(e.into());
+    loop {
+        let request = match wire::read_startup(stream).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.reason() == Some("startup_packet") {
+                    let msg = wire::error_response(e.sqlstate(), &e.to_string());
+                    let _ = stream.write_all(&msg).await;
+                    let _ = stream.flush().await;
+                }
+                return Err(SessionError::Client(e));
+            }
+        };
+        match request {
+            StartupRequest::Ssl if offer_tls => return Ok(Opening::Tls),
+            StartupRequest::Ssl | StartupRequest::GssEnc => {
+                stream.write_all(b"N").await.map_err(client_err)?;
+                stream.flush().await.map_err(client_err)?;
+            }
+            StartupRequest::Cancel(packet) => return Ok(Opening::Cancel(packet)),
+            StartupRequest::Startup(packet) => return Ok(Opening::Startup(packet)),
+        }
+    }
+}
+
+/// Forwards a CancelRequest: the key in it is the real backend's (BackendKeyData is relayed
+/// unchanged), so Postgres itself decides whether it matches.
+async fn cancel(door: &FrontDoor, packet: Bytes) -> Result<(), SessionError> {
+    let mut backend = door.backend.connect().await.map_err(|source| SessionError::Backend {
+        addr: door.backend.to_string(),
+        source,
+    })?;
+    backend
+        .write_all(&packet)
+        .await
+        .map_err(|e| SessionError::Server(e.into()))?;
+    // Postgres closes the connection without answering; wait for that so the cancel is
+    // delivered before the client's next step.
+    let mut sink = [0u8; 1];
+    let _ = backend.read(&mut sink).await;
+    Ok(())
+}
+
+async fn relay<CR, CW>(
+    door: &FrontDoor,
+    client_r: CR,
+    mut client_w: CW,
+    startup: Bytes,
+) -> Result<(), SessionError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let mut backend = match door.backend.connect().await {
+        Ok(b) => b,
+        Err(source) => {
+            let err = SessionError::Backend {
+                addr: door.backend.to_string(),
+                source,
+            };
+            let msg = wire::error_response(err.sqlstate(), &format!("pgmm: {err}"));
+            let _ = client_w.write_all(&msg).await;
+            let _ = client_w.flush().await;
+            return Err(err);
+        }
+    };
+    backend
+        .write_all(&startup)
+        .await
+        .map_err(|e| SessionError::Server(e.into()))?;
+    let (server_r, server_w) = tokio::io::split(backend);
+    let pending = Pending::default();
+    let up = client_to_server(door, client_r, server_w, &pending);
+    let down = server_to_client(server_r, client_w, &pending);
+    // Either side ending ends the session: the other socket is dropped, which Postgres and
+    // the client both see as the connection closing.
+    tokio::select! {
+        r = up => r,
+        r = down => r,
+    }
+}
+
+/// Relays client messages, inspecting Query and Parse.
+async fn client_to_server<R, W>(
+    door: &FrontDoor,
+    mut r: R,
+    mut w: W,
+    pending: &Pending,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let client = SessionError::Client;
+    let server = |e: io::Error| SessionError::Server(e.into());
+    let mut buf = BytesMut::with_capacity(BUF_SIZE);
+    let mut out = BytesMut::new();
+    // Bytes of a streamed message still to come, and whether they are dropped.
+    let mut stream_rest = 0usize;
+    let mut stream_drop = false;
+    // After a refused Parse, the client's messages up to Sync are skipped, as Postgres would.
+    let mut skipping_to_sync = false;
+    let mut terminated = false;
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(BUF_SIZE);
+        }
+        let n = r
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| client(e.into()))?;
+        if n == 0 {
+            if stream_rest > 0 || !buf.is_empty() {
+                return Err(client(WireError::UnexpectedEof));
+            }
+            return Ok(());
+        }
+        let len = buf.len();
+        let mut pos = 0usize;
+        let mut run_start = 0usize;
+        // Whether `out` replaces `buf[..run_start]` (something was replaced or dropped).
+        let mut modified = false;
+        while pos < len {
+            if stream_rest > 0 {
+                let n = stream_rest.min(len - pos);
+                pos += n;
+                stream_rest -= n;
+                if stream_drop {
+                    run_start = pos;
+                }
+                continue;
+            }
+            let Some(h) = Header::parse(&buf[pos..]).map_err(client)? else {
+                break;
+            };
+            let total = h.total();
+            let complete = len - pos >= total;
+            if skipping_to_sync && !matches!(h.kind, b'S' | b'H') {
+                modified = true;
+                out.extend_from_slice(&buf[run_start..pos]);
+                if complete {
+                    pos += total;
+                } else {
+                    stream_rest = total - (len - pos);
+                    stream_drop = true;
+                    pos = len;
+                }
+                run_start = pos;
+                continue;
+            }
+            match h.kind {
+                b'Q' | b'P' if !complete => {
+                    // Wait for the whole statement; grow the buffer towards it in steps so a
+                    // lying length field cannot make pgmm allocate a gigabyte up front.
+                    buf.reserve((total - (len - pos)).min(1 << 20));
+                    break;
+                }
+                b'Q' | b'P' => {
+                    let body = &buf[pos + 5..pos + total];
+                    if let Some(refusal) = inspect(door, h.kind, body) {
+                        modified = true;
+                        out.extend_from_slice(&buf[run_start..pos]);
+                        let sql = refusal::raise_sql("42501", &refusal);
+                        let extended = h.kind == b'P';
+                        pending.push(refusal, extended);
+                        if extended {
+                            refusal::extended_replacement(&sql, &mut out);
+                            skipping_to_sync = true;
+                        } else {
+                            refusal::simple_replacement(&sql, &mut out);
+                        }
+                        pos += total;
+                        run_start = pos;
+                    } else {
+                        pos += total;
+                    }
+                }
+                kind => {
+                    match kind {
+                        b'S' => skipping_to_sync = false,
+                        b'X' => terminated = true,
+                        _ => {}
+                    }
+                    if complete {
+                        pos += total;
+                    } else {
+                        stream_rest = total - (len - pos);
+                        stream_drop = false;
+                        pos = len;
+                    }
+                }
+            }
+        }
+        if !modified {
+            w.write_all(&buf[..pos]).await.map_err(server)?;
+        } else {
+            out.extend_from_slice(&buf[run_start..pos]);
+            w.write_all(&out).await.map_err(server)?;
+            out.clear();
+        }
+        buf.advance(pos);
+        if terminated {
+            w.flush().await.map_err(server)?;
+            return Ok(());
+        }
+        if buf.is_empty() && buf.capacity() > 4 * BUF_SIZE {
+            buf = BytesMut::with_capacity(BUF_SIZE);
+        }
+    }
+}
+
+/// Classifies a Query or Parse and returns the refusal message if this node may not run it.
+fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
+    let sql = if kind == b'Q' {
+        wire::query_text(body)?
+    } else {
+        wire::parse_text(body)?.1
+    };
+    let class = door.classifier.classify(sql);
+    door.metrics.query(class.kind).inc();
+    if class.written.is_empty() || door.ownership.is_empty() {
+        return None;
+    }
+    match door.ownership.check(&class.written) {
+        Ok(()) => None,
+        Err(e) => {
+            door.metrics
+                .ownership_rejections
+                .with_label_values(&[&e.table().to_string()])
+                .inc();
+            tracing::debug!(error = %e, "write refused at the front door");
+            Some(e.to_string())
+        }
+    }
+}
+
+/// Relays server messages; only while a refusal is pending does it look at them one by one.
+async fn server_to_client<R, W>(mut r: R, mut w: W, pending: &Pending) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let server = SessionError::Server;
+    let client = |e: io::Error| SessionError::Client(e.into());
+    let mut buf = BytesMut::with_capacity(BUF_SIZE);
+    let mut out = BytesMut::new();
+    let mut filter = ResponseFilter::default();
+    let mut stream_rest = 0usize;
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(BUF_SIZE);
+        }
+        let n = r
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| server(e.into()))?;
+        if n == 0 {
+            if stream_rest > 0 || !buf.is_empty() {
+                return Err(server(WireError::UnexpectedEof));
+            }
+            return Ok(());
+        }
+        let len = buf.len();
+        let mut pos = 0usize;
+        let mut run_start = 0usize;
+        // Whether `out` replaces `buf[..run_start]` (something was replaced or dropped).
+        let mut modified = false;
+        while pos < len {
+            if stream_rest > 0 {
+                let n = stream_rest.min(len - pos);
+                pos += n;
+                stream_rest -= n;
+                continue;
+            }
+            let Some(h) = Header::parse(&buf[pos..]).map_err(server)? else {
+                break;
+            };
+            let total = h.total();
+            let complete = len - pos >= total;
+            if pending.is_empty() && filter.is_idle() {
+                if complete {
+                    pos += total;
+                } else {
+                    stream_rest = total - (len - pos);
+                    pos = len;
+                }
+                continue;
+            }
+            modified = true;
+            out.extend_from_slice(&buf[run_start..pos]);
+            if complete {
+                filter.message(pending, &buf[pos..pos + total], &mut out);
+                pos += total;
+            } else if ResponseFilter::needs_whole(h.kind) {
+                buf.reserve((total - (len - pos)).min(1 << 20));
+                run_start = pos;
+                break;
+            } else {
+                filter.release(&mut out);
+                out.extend_from_slice(&buf[pos..len]);
+                stream_rest = total - (len - pos);
+                pos = len;
+            }
+            run_start = pos;
+        }
+        if !modified {
+            w.write_all(&buf[..pos]).await.map_err(client)?;
+        } else {
+            out.extend_from_slice(&buf[run_start..pos]);
+            w.write_all(&out).await.map_err(client)?;
+            out.clear();
+        }
+        w.flush().await.map_err(client)?;
+        buf.advance(pos);
+        if buf.is_empty() && buf.capacity() > 4 * BUF_SIZE {
+            buf = BytesMut::with_capacity(BUF_SIZE);
+        }
+    }
+}

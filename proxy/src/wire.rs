@@ -1,0 +1,362 @@
+//! Framing of the Postgres wire protocol, as far as a relay needs it.
+//!
+//! pgmm relays bytes; it does not decode rows. It only needs to know where messages start and
+//! end (to find Query and Parse, and to notice a malformed stream early), and to read the
+//! untyped packets that open a connection. The limits are Postgres's own, so that pgmm refuses
+//! exactly what Postgres would refuse and never buffers more than Postgres would accept.
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::Message as _;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest message Postgres accepts (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1), length field included.
+pub const MAX_MESSAGE_LEN: usize = 0x3fff_ffff;
+/// Largest startup packet Postgres accepts (`MAX_STARTUP_PACKET_LENGTH`).
+pub const MAX_STARTUP_LEN: usize = 10_000;
+
+const PROTOCOL_3: u32 = 196_608;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+
+/// Why a connection's byte stream could not be framed. Each variant is a label of
+/// `pgmm_client_protocol_errors_total{reason}`, so operators can tell scanners from bugs.
+#[derive(Debug, Error)]
+pub enum WireError {
+    #[error("invalid startup packet: {0}")]
+    StartupPacket(String),
+    #[error("invalid message length {len} for message type {kind:?}")]
+    MessageLength { kind: char, len: u32 },
+    #[error("connection closed in the middle of a message")]
+    UnexpectedEof,
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// Metric label; `None` for plain I/O errors (a reset connection is not a protocol error).
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            WireError::StartupPacket(_) => Some("startup_packet"),
+            WireError::MessageLength { .. } => Some("message_length"),
+            WireError::UnexpectedEof => Some("unexpected_eof"),
+            WireError::Tls(_) => Some("tls"),
+            WireError::Io(_) => None,
+        }
+    }
+
+    /// protocol_violation, as Postgres answers malformed input.
+    pub fn sqlstate(&self) -> &'static str {
+        "08P01"
+    }
+}
+
+/// The first packet of a connection, which carries no type byte.
+#[derive(Debug)]
+pub enum StartupRequest {
+    Ssl,
+    GssEnc,
+    /// The 16-byte packet (length, code, pid, secret), forwarded as is.
+    Cancel(Bytes),
+    /// The whole startup packet, length included, to be relayed unchanged.
+    Startup(Bytes),
+}
+
+/// Reads exactly one startup-phase packet: never more, because after an SSLRequest the next
+/// bytes belong to the TLS handshake and must not have been buffered in clear.
+pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupRequest, WireError> {
+    let mut head = [0u8; 8];
+    read_exact_or_eof(r, &mut head[..4]).await?;
+    let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(WireError::StartupPacket(format!("length {len}")));
+    }
+    read_exact_or_eof(r, &mut head[4..]).await?;
+    let code = u32::from_be_bytes(head[4..].try_into().expect("4 bytes"));
+    let mut packet = BytesMut::with_capacity(len);
+    packet.extend_from_slice(&head);
+    packet.resize(len, 0);
+    read_exact_or_eof(r, &mut packet[8..]).await?;
+    match (code, len) {
+        (SSL_REQUEST, 8) => Ok(StartupRequest::Ssl),
+        (GSSENC_REQUEST, 8) => Ok(StartupRequest::GssEnc),
+        (CANCEL_REQUEST, 16) => Ok(StartupRequest::Cancel(packet.freeze())),
+        (PROTOCOL_3, _) => {
+            if packet.last() != Some(&0) {
+                return Err(WireError::StartupPacket(
+                    "parameters not NUL-terminated".into(),
+                ));
+            }
+            Ok(StartupRequest::Startup(packet.freeze()))
+        }
+        (SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST, _) => Err(WireError::StartupPacket(
+            format!("length {len} for request code {code}"),
+        )),
+        _ if code >> 16 == 3 => Err(WireError::StartupPacket(format!(
+            "unsupported frontend protocol 3.{}: pgmm supports 3.0",
+            code & 0xffff
+        ))),
+        _ => Err(WireError::StartupPacket(format!(
+            "unsupported protocol code {code}"
+        ))),
+    }
+}
+
+async fn read_exact_or_eof<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), WireError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::UnexpectedEof),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Header of a typed message: the type byte and the length field (which counts itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: u8,
+    pub len: u32,
+}
+
+impl Header {
+    /// Bytes the whole message occupies on the wire.
+    pub fn total(&self) -> usize {
+        1 + self.len as usize
+    }
+
+    /// Reads a header from the first 5 bytes of `buf`, validating the length as Postgres does.
+    pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
+        if buf.len() < 5 {
+            return Ok(None);
+        }
+        let kind = buf[0];
+        let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes"));
+        if len < 4 || len as usize > MAX_MESSAGE_LEN {
+            return Err(WireError::MessageLength {
+                kind: kind as char,
+                len,
+            });
+        }
+        Ok(Some(Header { kind, len }))
+    }
+}
+
+/// Tracks message boundaries across reads of a byte stream that is relayed as it arrives,
+/// without holding whole messages: only the up-to-5 header bytes that straddle two reads.
+#[derive(Debug, Default)]
+pub struct BoundaryTracker {
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    partial: [u8; 5],
+    partial_len: usize,
+}
+
+impl BoundaryTracker {
+    /// Consumes `chunk`, calling `on_header` for every message that starts in it.
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        mut on_header: impl FnMut(Header),
+    ) -> Result<(), WireError> {
+        loop {
+            if self.remaining > 0 {
+                let n = self.remaining.min(chunk.len());
+                self.remaining -= n;
+                chunk = &chunk[n..];
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let need = 5 - self.partial_len;
+            let n = need.min(chunk.len());
+            self.partial[self.partial_len..self.partial_len + n].copy_from_slice(&chunk[..n]);
+            self.partial_len += n;
+            chunk = &chunk[n..];
+            if self.partial_len < 5 {
+                return Ok(());
+            }
+            let header = Header::parse(&self.partial)?.expect("5 bytes present");
+            self.partial_len = 0;
+            self.remaining = header.len as usize - 4;
+            on_header(header);
+        }
+    }
+
+    /// True when the stream is between messages.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.partial_len == 0
+    }
+}
+
+/// The NUL-terminated string at the start of `body`, without copying.
+pub fn cstr(body: &[u8]) -> Option<(&str, &[u8])> {
+    let end = body.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&body[..end]).ok()?;
+    Some((s, &body[end + 1..]))
+}
+
+/// The SQL text of a Query message body.
+pub fn query_text(body: &[u8]) -> Option<&str> {
+    cstr(body).map(|(s, _)| s)
+}
+
+/// Statement name and SQL text of a Parse message body.
+pub fn parse_text(body: &[u8]) -> Option<(&str, &str)> {
+    let (name, rest) = cstr(body)?;
+    let (sql, _) = cstr(rest)?;
+    Some((name, sql))
+}
+
+/// An ErrorResponse as Postgres would send it, for errors pgmm raises itself.
+pub fn error_response(sqlstate: &str, message: &str) -> BytesMut {
+    let fields = vec![
+        (b'S', "FATAL".to_string()),
+        (b'V', "FATAL".to_string()),
+        (b'C', sqlstate.to_string()),
+        (b'M', message.to_string()),
+    ];
+    let mut buf = BytesMut::new();
+    ErrorResponse::new(fields)
+        .encode(&mut buf)
+        .expect("encoding into memory cannot fail");
+    buf
+}
+
+/// SQLSTATE and message of an ErrorResponse body.
+pub fn error_fields(body: &[u8]) -> (Option<&str>, Option<&str>) {
+    let (mut code, mut message) = (None, None);
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let Some((value, tail)) = cstr(tail) else {
+            break;
+        };
+        match kind {
+            b'C' => code = Some(value),
+            b'M' => message = Some(value),
+            _ => {}
+        }
+        rest = tail;
+    }
+    (code, message)
+}
+
+/// Rebuilds an ErrorResponse body without the fields that point into PL/pgSQL internals
+/// (context, source file, line, routine): a refusal pgmm raises through Postgres should
+/// read like one pgmm raised itself.
+pub fn strip_error_internals(body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.extend_from_slice(&[b'E', 0, 0, 0, 0]);
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let Some(end) = tail.iter().position(|&b| b == 0) else {
+            break;
+        };
+        if !matches!(kind, b'W' | b'F' | b'L' | b'R') {
+            out.extend_from_slice(&rest[..end + 2]);
+        }
+        rest = &tail[end + 1..];
+    }
+    out.extend_from_slice(&[0]);
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn startup_kinds() {
+        let mut ssl: &[u8] = &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert!(matches!(
+            read_startup(&mut ssl).await,
+            Ok(StartupRequest::Ssl)
+        ));
+        let mut zero: &[u8] = &[0, 0, 0, 0];
+        assert_eq!(
+            read_startup(&mut zero).await.unwrap_err().reason(),
+            Some("startup_packet")
+        );
+        let mut garbage: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            read_startup(&mut garbage).await.unwrap_err().reason(),
+            Some("startup_packet")
+        );
+        let mut short: &[u8] = &[0, 0, 0, 9, 0, 3, 0, 0];
+        assert_eq!(
+            read_startup(&mut short).await.unwrap_err().reason(),
+            Some("unexpected_eof")
+        );
+        let mut good = vec![0, 0, 0, 0, 0, 3, 0, 0];
+        good.extend_from_slice(b"user\0u\0\0");
+        let len = good.len() as u32;
+        good[..4].copy_from_slice(&len.to_be_bytes());
+        let mut slice: &[u8] = &good;
+        match read_startup(&mut slice).await.unwrap() {
+            StartupRequest::Startup(p) => assert_eq!(&p[..], &good[..]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tracker_follows_split_headers() {
+        let mut stream = msg(b'1', b"");
+        stream.extend(msg(b'D', b"hello world"));
+        stream.extend(msg(b'Z', b"I"));
+        for split in 0..stream.len() {
+            let mut t = BoundaryTracker::default();
+            let mut seen = Vec::new();
+            t.feed(&stream[..split], |h| seen.push(h.kind)).unwrap();
+            t.feed(&stream[split..], |h| seen.push(h.kind)).unwrap();
+            assert_eq!(seen, b"1DZ", "split at {split}");
+            assert!(t.at_boundary());
+        }
+    }
+
+    #[test]
+    fn tracker_rejects_bad_lengths() {
+        let mut t = BoundaryTracker::default();
+        let err = t.feed(&[b'Q', 0, 0, 0, 3], |_| {}).unwrap_err();
+        assert_eq!(err.reason(), Some("message_length"));
+        let err = Header::parse(&[b'Q', 0x40, 0, 0, 0]).unwrap_err();
+        assert_eq!(err.reason(), Some("message_length"));
+    }
+
+    #[test]
+    fn error_fields_and_strip() {
+        let body = b"SERROR\0C42501\0Mno\0WPL/pgSQL function\0Fpl_exec.c\0L1\0RX\0\0";
+        assert_eq!(error_fields(body), (Some("42501"), Some("no")));
+        let stripped = strip_error_internals(body);
+        assert_eq!(&stripped[..], &msg(b'E', b"SERROR\0C42501\0Mno\0\0")[..]);
+    }
+
+    #[test]
+    fn texts() {
+        assert_eq!(query_text(b"select 1\0"), Some("select 1"));
+        assert_eq!(
+            parse_text(b"s1\0insert\0\0\0"),
+            Some(("s1", "insert"))
+        );
+        assert_eq!(parse_text(b"s1"), None);
+    }
+}
