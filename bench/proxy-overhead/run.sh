@@ -259,7 +259,7 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # Idle memory, measured first on fresh processes (after one warm-up session), so that memory
 # the allocator keeps from the throughput runs cannot hide the per-session cost.
 # ---------------------------------------------------------------------------------------------
-declare -A idle_per_session idle_before idle_with
+declare -A idle_per_session idle_before idle_with idle_backends
 measure_idle() {
     local target=$1 port pid before with
     port=$(port_of "$target")
@@ -288,6 +288,10 @@ measure_idle() {
     # Let the proxy settle (buffers handed back, last startup messages relayed) before reading.
     sleep 1
     with=$(rss_kib "$pid")
+    # How many Postgres backends the proxy holds for those idle clients: pgmm opens one per
+    # client; PgBouncer only assigns a server connection on the first query.
+    idle_backends[$target]=$("${PSQL[@]}" -h 127.0.0.1 -p "$pg_port" -tAc \
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmm-bench-idle'")
     exec 7>&-
     wait "$idle_pid" 2>/dev/null || true
     idle_pid=""
@@ -332,7 +336,7 @@ for round in $(seq "$ROUNDS"); do
             fi
             v=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out")
             f=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
-            v=${v:-ERR}
+            [[ -n "$v" ]] && v=$(printf '%.1f' "$v") || v=ERR
             f=${f:-0}
             tps[$wl,$t]+="$v "
             failed[$wl,$t]=$((${failed[$wl,$t]:-0} + f))
@@ -366,14 +370,14 @@ done
 has() { [[ " $TARGETS " == *" $1 "* ]]; }
 echo
 echo "pgmm proxy overhead: pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS round(s), median TPS"
-echo "Postgres $("$PG_BINDIR/postgres" --version | awk '{ print $NF }'), $(nproc) CPUs, all clients over 127.0.0.1 TCP"
+echo "Postgres $("$PG_BINDIR/postgres" --version | awk '{ print $3 }'), $(nproc) CPUs, all clients over 127.0.0.1 TCP"
 echo
 printf '%-24s' "workload"
 for t in $TARGETS; do printf ' %11s' "$t"; done
 has direct && has pgmm && printf ' %12s' "pgmm/direct"
 has direct && has pgbouncer && printf ' %12s' "pgbnc/direct"
 has pgmm && has pgbouncer && printf ' %11s' "pgmm/pgbnc"
-printf ' %s\n' " failed (per target)"
+printf '  failed (%s)\n' "${TARGETS// //}"
 for wl in "${WORKLOADS[@]}"; do
     printf '%-24s' "${wl_title[$wl]}"
     for t in $TARGETS; do printf ' %11s' "${med[$wl,$t]}"; done
@@ -396,13 +400,14 @@ done
 if has pgmm || has pgbouncer; then
     echo
     echo "idle memory: $IDLE_CLIENTS idle sessions (startup done, waiting at ReadyForQuery)"
-    printf '%-10s %14s %14s %16s\n' "proxy" "RSS before" "RSS with" "per session"
+    printf '%-10s %14s %14s %16s %18s\n' "proxy" "RSS before" "RSS with" "per session" "Postgres backends"
     for t in $TARGETS; do
         [[ $t == direct ]] && continue
         if [[ ${idle_per_session[$t]} == ERR ]]; then
-            printf '%-10s %14s %14s %16s\n' "$t" "-" "-" "ERR"
+            printf '%-10s %14s %14s %16s %18s\n' "$t" "-" "-" "ERR" "-"
         else
-            printf '%-10s %10s KiB %10s KiB %12s KiB\n' "$t" "${idle_before[$t]}" "${idle_with[$t]}" "${idle_per_session[$t]}"
+            printf '%-10s %10s KiB %10s KiB %12s KiB %18s\n' "$t" "${idle_before[$t]}" "${idle_with[$t]}" \
+                "${idle_per_session[$t]}" "${idle_backends[$t]}"
         fi
     done
 fi

@@ -17,7 +17,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+// Re-exported for whichever test binary needs them.
+#[allow(unused_imports)]
 pub use pgmm::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions};
+#[allow(unused_imports)]
 pub use postgres::{PgCluster, PgOptions, MD5_USER, SCRAM_USER};
 
 /// A TCP port that was free a moment ago. Callers that bind it later retry on "address in use", since
@@ -70,7 +73,7 @@ pub fn run_command(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -
     });
     let out = drain(child.stdout.take().expect("piped stdout"));
     let err = drain(child.stderr.take().expect("piped stderr"));
-    let status = wait_child(&mut child, timeout).unwrap_or_else(|| {
+    let Some(status) = wait_child(&mut child, timeout) else {
         let _ = child.kill();
         let _ = child.wait();
         let stderr = err.join().unwrap_or_default();
@@ -78,7 +81,7 @@ pub fn run_command(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -
             "{cmd:?} still running after {timeout:?}; killed it. stderr:\n{}",
             String::from_utf8_lossy(&stderr)
         );
-    });
+    };
     if let Some(w) = writer {
         let _ = w.join();
     }

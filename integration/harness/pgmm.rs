@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -91,7 +91,8 @@ impl Pgmm {
                 .expect("create a temporary directory for pgmm");
             let (client_port, metrics_port) = (free_port(), free_port());
             let peer_port = opts.peer.as_ref().map(|_| free_port());
-            let config = Self::config_text(pg, &opts, dir.path(), client_port, metrics_port, peer_port);
+            let config =
+                Self::config_text(pg, &opts, dir.path(), client_port, metrics_port, peer_port);
             let config_path = dir.path().join("pgmm.toml");
             fs::write(&config_path, &config).expect("write pgmm.toml");
             let log_path = dir.path().join("pgmm.log");
@@ -124,7 +125,8 @@ impl Pgmm {
                     return Some(Err(status));
                 }
                 let client = TcpStream::connect(("127.0.0.1", client_port)).is_ok();
-                let health = http_get(metrics_port, "/healthz").is_some_and(|(code, _)| code == 200);
+                let health =
+                    http_get(metrics_port, "/healthz").is_some_and(|(code, _)| code == 200);
                 (client && health).then_some(Ok(()))
             });
             match ready {
@@ -134,7 +136,9 @@ impl Pgmm {
                     let log = pgmm.log();
                     let port_taken = log.contains("in use") || log.contains("AddrInUse");
                     if !(port_taken && attempt < ATTEMPTS) {
-                        panic!("pgmm exited during startup ({status}); config:\n{config}\nlog:\n{log}");
+                        panic!(
+                            "pgmm exited during startup ({status}); config:\n{config}\nlog:\n{log}"
+                        );
                     }
                 }
             }
@@ -179,11 +183,21 @@ impl Pgmm {
                 q(&secret_file.to_string_lossy())
             );
             for (name, address) in &peer.peers {
-                let _ = writeln!(c, "[[peers]]\nname = {}\naddress = {}\n", q(name), q(address));
+                let _ = writeln!(
+                    c,
+                    "[[peers]]\nname = {}\naddress = {}\n",
+                    q(name),
+                    q(address)
+                );
             }
         }
         for (table, owner) in &opts.ownership {
-            let _ = writeln!(c, "[[ownership]]\ntable = {}\nowner = {}\n", q(table), q(owner));
+            let _ = writeln!(
+                c,
+                "[[ownership]]\ntable = {}\nowner = {}\n",
+                q(table),
+                q(owner)
+            );
         }
         c.push_str(&opts.extra_toml);
         c
@@ -304,8 +318,8 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    // No half-close after the request: hyper treats EOF on the read side as the client going away.
     s.write_all(request.as_bytes()).ok()?;
-    let _ = s.shutdown(Shutdown::Write);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;

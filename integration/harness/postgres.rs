@@ -169,7 +169,13 @@ fn template() -> &'static Path {
         let slug: String = inst
             .version
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("pg-template-r{TEMPLATE_REVISION}-{slug}"));
@@ -220,7 +226,10 @@ fn template() -> &'static Path {
             String::from_utf8_lossy(&out.stderr)
         );
         if !out.status.success() || text.contains("ERROR") || text.contains("FATAL") {
-            panic!("creating the test roles in single-user mode failed ({}):\n{text}", out.status);
+            panic!(
+                "creating the test roles in single-user mode failed ({}):\n{text}",
+                out.status
+            );
         }
         fs::write(data.join("pg_hba.conf"), DEFAULT_HBA).expect("write template pg_hba.conf");
 
@@ -324,18 +333,23 @@ impl PgCluster {
                 .unwrap_or_else(|e| panic!("spawn postgres: {e}"));
             let pid_file = data.join("postmaster.pid");
             // postmaster.pid's 8th line turns "ready" once connections are accepted (what pg_ctl polls).
-            let outcome = wait_until("postgres to accept connections", Duration::from_secs(60), || {
-                if let Some(status) = child.try_wait().expect("try_wait postgres") {
-                    return Some(Err(status));
-                }
-                let pid = fs::read_to_string(&pid_file).ok()?;
-                (pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
-            });
+            let outcome = wait_until(
+                "postgres to accept connections",
+                Duration::from_secs(60),
+                || {
+                    if let Some(status) = child.try_wait().expect("try_wait postgres") {
+                        return Some(Err(status));
+                    }
+                    let pid = fs::read_to_string(&pid_file).ok()?;
+                    (pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
+                },
+            );
             match outcome {
                 Ok(()) => return PgCluster { port, child, dir },
                 Err(status) => {
                     let log = fs::read_to_string(&log_path).unwrap_or_default();
-                    let port_taken = log.contains("could not bind") || log.contains("already in use");
+                    let port_taken =
+                        log.contains("could not bind") || log.contains("already in use");
                     if !(port_taken && attempt < ATTEMPTS) {
                         panic!("postgres exited during startup ({status}):\n{log}");
                     }

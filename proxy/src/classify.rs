@@ -442,14 +442,14 @@ impl Walk {
     }
 }
 
-/// Whether EXPLAIN's option list turns ANALYZE on. Postgres's boolean spellings that mean
-/// false are any prefix of `false` or `no`, `of(f)`, and `0`; anything else (including no
-/// value) means true, so an unusual spelling errs towards "it executes".
+/// Whether EXPLAIN's option list turns ANALYZE on (the last mention wins, as in Postgres).
+/// Postgres's boolean spellings that mean false are any prefix of `false` or `no`, `of(f)`,
+/// and `0`; anything else (including no value) means true, so an unusual spelling errs
+/// towards "it executes".
 fn has_analyze(options: &[UtilityOption]) -> bool {
     options
         .iter()
-        .filter(|option| option.name.value.eq_ignore_ascii_case("analyze"))
-        .next_back()
+        .rfind(|option| option.name.value.eq_ignore_ascii_case("analyze"))
         .is_some_and(|option| match &option.arg {
             None => true,
             Some(Expr::Value(value)) => match &value.value {
@@ -539,7 +539,11 @@ mod tests {
         check("EXPLAIN SELECT * FROM t", QueryKind::Read, &[]);
         check("COPY t TO STDOUT", QueryKind::Read, &[]);
         check("COPY (SELECT * FROM t) TO STDOUT", QueryKind::Read, &[]);
-        check("COPY \"T\" (a, b) TO STDOUT WITH (FORMAT csv)", QueryKind::Read, &[]);
+        check(
+            "COPY \"T\" (a, b) TO STDOUT WITH (FORMAT csv)",
+            QueryKind::Read,
+            &[],
+        );
         check("SELECT * FROM t FOR UPDATE", QueryKind::Read, &[]);
         check(
             "WITH x AS (SELECT 1) SELECT * FROM x, (SELECT 2) y",
@@ -556,7 +560,11 @@ mod tests {
             QueryKind::Write,
             &[p("t")],
         );
-        check("INSERT INTO t AS x DEFAULT VALUES", QueryKind::Write, &[p("t")]);
+        check(
+            "INSERT INTO t AS x DEFAULT VALUES",
+            QueryKind::Write,
+            &[p("t")],
+        );
         check(
             "UPDATE t SET a = u.a FROM u JOIN v ON u.id = v.id WHERE t.id = u.id",
             QueryKind::Write,
@@ -565,14 +573,22 @@ mod tests {
         check("UPDATE ONLY t SET a = 1", QueryKind::Write, &[p("t")]);
         check("update only s SET a = 1", QueryKind::Write, &[p("s")]);
         check("UPDATE t AS x SET a = 1", QueryKind::Write, &[p("t")]);
-        check("UPDATE \"only\" x SET a = 1", QueryKind::Write, &[p("only")]);
+        check(
+            "UPDATE \"only\" x SET a = 1",
+            QueryKind::Write,
+            &[p("only")],
+        );
         check(
             "DELETE FROM t USING u WHERE t.id = u.id",
             QueryKind::Write,
             &[p("t")],
         );
         check("DELETE FROM ONLY t", QueryKind::Write, &[p("t")]);
-        check("DELETE FROM t AS x WHERE x.a = 1", QueryKind::Write, &[p("t")]);
+        check(
+            "DELETE FROM t AS x WHERE x.a = 1",
+            QueryKind::Write,
+            &[p("t")],
+        );
         check(
             "MERGE INTO ONLY t USING u ON t.id = u.id WHEN MATCHED THEN DELETE",
             QueryKind::Write,
@@ -588,8 +604,16 @@ mod tests {
             QueryKind::Write,
             &[p("pgbench_accounts")],
         );
-        check("COPY t FROM '/tmp/x.csv' WITH (FORMAT csv, HEADER true)", QueryKind::Write, &[p("t")]);
-        check("COPY t FROM STDIN WITH CSV HEADER", QueryKind::Write, &[p("t")]);
+        check(
+            "COPY t FROM '/tmp/x.csv' WITH (FORMAT csv, HEADER true)",
+            QueryKind::Write,
+            &[p("t")],
+        );
+        check(
+            "COPY t FROM STDIN WITH CSV HEADER",
+            QueryKind::Write,
+            &[p("t")],
+        );
         check(
             "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = u.a \
              WHEN NOT MATCHED THEN INSERT (id, a) VALUES (u.id, u.a)",
@@ -613,7 +637,11 @@ mod tests {
     #[test]
     fn names_fold_like_postgres() {
         check("INSERT INTO Foo VALUES (1)", QueryKind::Write, &[p("foo")]);
-        check("INSERT INTO \"Foo\" VALUES (1)", QueryKind::Write, &[p("Foo")]);
+        check(
+            "INSERT INTO \"Foo\" VALUES (1)",
+            QueryKind::Write,
+            &[p("Foo")],
+        );
         check(
             "INSERT INTO Sales.\"Orders\" VALUES (1)",
             QueryKind::Write,
@@ -624,11 +652,7 @@ mod tests {
             QueryKind::Write,
             &[t("My Schema", "a\"b")],
         );
-        check(
-            "DELETE FROM mydb.public.t",
-            QueryKind::Write,
-            &[p("t")],
-        );
+        check("DELETE FROM mydb.public.t", QueryKind::Write, &[p("t")]);
         // Postgres truncates identifiers to 63 bytes.
         let long = "x".repeat(70);
         check(
@@ -639,7 +663,10 @@ mod tests {
         // The config side folds the same way.
         for spelling in ["T", "public.T", "\"public\".t", "Public.\"t\""] {
             let sql = format!("INSERT INTO {spelling} VALUES (1)");
-            assert_eq!(Classification::of(&sql).written, [TableName::parse(spelling).unwrap()]);
+            assert_eq!(
+                Classification::of(&sql).written,
+                [TableName::parse(spelling).unwrap()]
+            );
         }
     }
 
@@ -701,7 +728,11 @@ mod tests {
     #[test]
     fn explain() {
         check("EXPLAIN UPDATE t SET a = 1", QueryKind::Read, &[]);
-        check("EXPLAIN ANALYZE UPDATE t SET a = 1", QueryKind::Write, &[p("t")]);
+        check(
+            "EXPLAIN ANALYZE UPDATE t SET a = 1",
+            QueryKind::Write,
+            &[p("t")],
+        );
         check(
             "EXPLAIN ANALYZE VERBOSE DELETE FROM t",
             QueryKind::Write,
@@ -717,9 +748,21 @@ mod tests {
             QueryKind::Write,
             &[p("t")],
         );
-        check("EXPLAIN (ANALYZE false) UPDATE t SET a = 1", QueryKind::Read, &[]);
-        check("EXPLAIN (ANALYZE off) UPDATE t SET a = 1", QueryKind::Read, &[]);
-        check("EXPLAIN (ANALYZE 0, COSTS) UPDATE t SET a = 1", QueryKind::Read, &[]);
+        check(
+            "EXPLAIN (ANALYZE false) UPDATE t SET a = 1",
+            QueryKind::Read,
+            &[],
+        );
+        check(
+            "EXPLAIN (ANALYZE off) UPDATE t SET a = 1",
+            QueryKind::Read,
+            &[],
+        );
+        check(
+            "EXPLAIN (ANALYZE 0, COSTS) UPDATE t SET a = 1",
+            QueryKind::Read,
+            &[],
+        );
         check("EXPLAIN ANALYZE SELECT * FROM t", QueryKind::Read, &[]);
         check(
             "EXPLAIN WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
@@ -743,7 +786,11 @@ mod tests {
         check("REVOKE SELECT ON t FROM bob", QueryKind::Ddl, &[]);
         check("CREATE SCHEMA s", QueryKind::Ddl, &[]);
         check("CREATE SEQUENCE s", QueryKind::Ddl, &[]);
-        check("CREATE EXTENSION IF NOT EXISTS pgcrypto", QueryKind::Ddl, &[]);
+        check(
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto",
+            QueryKind::Ddl,
+            &[],
+        );
         check(
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
             QueryKind::Ddl,
@@ -932,8 +979,9 @@ mod tests {
     #[ignore]
     fn bench() {
         use std::time::Instant;
-        let statement =
-            |i: u32| format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = {i};");
+        let statement = |i: u32| {
+            format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = {i};")
+        };
         let classifier = Classifier::new(NonZeroUsize::new(1024).unwrap());
         let hot = statement(123);
         classifier.classify(&hot);

@@ -14,7 +14,11 @@ use crate::frontdoor::{self, FrontDoor, FrontDoorError};
 use crate::metrics::{self, FrontDoorMetrics, MetricsError};
 
 #[derive(Debug, Parser)]
-#[command(name = "pgmm", version, about = "Multi-master replication proxy for PostgreSQL")]
+#[command(
+    name = "pgmm",
+    version,
+    about = "Multi-master replication proxy for PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -107,10 +107,13 @@ impl FrontDoor {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        let table_owners = config.ownership.iter().filter_map(|rule| match &rule.owner {
-            OwnerSpec::Node(node) => Some((rule.table.clone(), node.clone())),
-            OwnerSpec::Column(_) | OwnerSpec::Key(_) => None,
-        });
+        let table_owners = config
+            .ownership
+            .iter()
+            .filter_map(|rule| match &rule.owner {
+                OwnerSpec::Node(node) => Some((rule.table.clone(), node.clone())),
+                OwnerSpec::Column(_) | OwnerSpec::Key(_) => None,
+            });
         Ok(Self {
             backend: BackendAddr::from_config(config),
             tls,
@@ -161,7 +164,11 @@ pub async fn serve(
     sessions.close();
     let open = sessions.len();
     if open > 0 {
-        tracing::info!(open, ?grace, "front door closed; waiting for open sessions to finish");
+        tracing::info!(
+            open,
+            ?grace,
+            "front door closed; waiting for open sessions to finish"
+        );
     }
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         tracing::warn!(

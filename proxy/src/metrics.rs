@@ -125,7 +125,10 @@ pub fn render(registry: &Registry) -> String {
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, TextEncoder::new().format_type().to_string())],
+        [(
+            header::CONTENT_TYPE,
+            TextEncoder::new().format_type().to_string(),
+        )],
         render(&registry),
     )
 }

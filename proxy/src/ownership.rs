@@ -83,8 +83,14 @@ mod tests {
         Ownership::new(
             "a",
             [
-                (TableName::parse("public.owned_by_b").unwrap(), "b".to_owned()),
-                (TableName::parse("sales.\"Orders\"").unwrap(), "c".to_owned()),
+                (
+                    TableName::parse("public.owned_by_b").unwrap(),
+                    "b".to_owned(),
+                ),
+                (
+                    TableName::parse("sales.\"Orders\"").unwrap(),
+                    "c".to_owned(),
+                ),
                 (TableName::parse("mine").unwrap(), "a".to_owned()),
             ],
         )
@@ -123,7 +129,11 @@ mod tests {
             "BEGIN; INSERT INTO shared VALUES (1); INSERT INTO owned_by_b VALUES (1); COMMIT",
         ] {
             let err = check_sql(sql).expect_err(sql);
-            assert_eq!(err.table(), &TableName::new("public", "owned_by_b"), "{sql}");
+            assert_eq!(
+                err.table(),
+                &TableName::new("public", "owned_by_b"),
+                "{sql}"
+            );
         }
         let err = check_sql("UPDATE Sales.\"Orders\" SET x = 1").unwrap_err();
         assert_eq!(
@@ -169,6 +179,8 @@ mod tests {
         assert!(own.check(&[TableName::new("public", "owned_by_b")]).is_ok());
         // The owner itself may write.
         let own_b = Ownership::new("b", [(TableName::new("public", "owned_by_b"), "b".into())]);
-        assert!(own_b.check(&[TableName::new("public", "owned_by_b")]).is_ok());
+        assert!(own_b
+            .check(&[TableName::new("public", "owned_by_b")])
+            .is_ok());
     }
 }

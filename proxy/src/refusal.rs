@@ -73,10 +73,16 @@ pub fn simple_replacement(sql: &str, out: &mut BytesMut) {
 struct Expected {
     message: String,
     extended: bool,
+    /// How many ReadyForQuery the server sends before the one that ends this refusal's cycle.
+    cycle: u64,
 }
 
 /// Refusals in flight, shared by the two directions of one session. The count lets the
 /// server-to-client direction stay on its fast path (one atomic load) when nothing is pending.
+///
+/// Responses are matched to refusals by counting cycles: every Sync, Query and FunctionCall the
+/// server receives ends in exactly one ReadyForQuery (so does start-up), in order. A refusal
+/// pipelined behind other cycles must not be taken for theirs.
 #[derive(Debug, Default)]
 pub struct Pending {
     count: AtomicUsize,
@@ -84,12 +90,15 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Registers a refusal; must happen before its replacement is written to the server.
-    pub fn push(&self, message: String, extended: bool) {
-        self.queue
-            .lock()
-            .expect("poisoned")
-            .push_back(Expected { message, extended });
+    /// Registers a refusal that the server will see in cycle `cycle` (the number of
+    /// ReadyForQuery-producing messages sent before it, start-up included); must happen before
+    /// its replacement is written to the server.
+    pub fn push(&self, message: String, extended: bool, cycle: u64) {
+        self.queue.lock().expect("poisoned").push_back(Expected {
+            message,
+            extended,
+            cycle,
+        });
         self.count.fetch_add(1, Ordering::Release);
     }
 
@@ -97,19 +106,31 @@ impl Pending {
         self.count.load(Ordering::Acquire) == 0
     }
 
-    /// Whether an ErrorResponse body is the oldest pending refusal, and if so whether it came
-    /// from an extended-protocol replacement.
-    fn matches(&self, body: &[u8]) -> Option<bool> {
-        let (code, message) = wire::error_fields(body);
+    /// Whether the oldest refusal belongs to the cycle `ready_seen` (and, if so, whether it
+    /// came from an extended-protocol replacement).
+    fn current(&self, ready_seen: u64) -> Option<bool> {
         let queue = self.queue.lock().expect("poisoned");
         let front = queue.front()?;
-        (code == Some("42501") && message == Some(front.message.as_str())).then_some(front.extended)
+        (front.cycle == ready_seen).then_some(front.extended)
     }
 
-    /// A ReadyForQuery ends the cycle of the oldest refusal, whether or not its error was
-    /// raised (an earlier error in the same cycle makes the server skip the replacement).
-    fn complete(&self) {
-        if self.queue.lock().expect("poisoned").pop_front().is_some() {
+    /// Whether an ErrorResponse body is the oldest pending refusal's error.
+    fn matches(&self, body: &[u8], ready_seen: u64) -> bool {
+        let (code, message) = wire::error_fields(body);
+        let queue = self.queue.lock().expect("poisoned");
+        queue.front().is_some_and(|front| {
+            front.cycle == ready_seen
+                && code == Some("42501")
+                && message == Some(front.message.as_str())
+        })
+    }
+
+    /// A ReadyForQuery ends cycle `ready_seen`, whether or not its refusal's error was raised
+    /// (an earlier error in the same cycle makes the server skip the replacement).
+    fn complete(&self, ready_seen: u64) {
+        let mut queue = self.queue.lock().expect("poisoned");
+        while queue.front().is_some_and(|f| f.cycle <= ready_seen) {
+            queue.pop_front();
             self.count.fetch_sub(1, Ordering::Release);
         }
     }
@@ -120,6 +141,8 @@ impl Pending {
 pub struct ResponseFilter {
     /// ParseComplete, or ParseComplete + BindComplete, that may belong to a replacement.
     held: BytesMut,
+    /// ReadyForQuery messages relayed so far (start-up's included).
+    ready_seen: u64,
 }
 
 impl ResponseFilter {
@@ -133,37 +156,37 @@ impl ResponseFilter {
         matches!(kind, b'1' | b'2' | b'E' | b'Z')
     }
 
+    /// Counts a message relayed on the fast path (nothing pending); only ReadyForQuery matters.
+    pub fn passed(&mut self, kind: u8) {
+        if kind == b'Z' {
+            self.ready_seen += 1;
+        }
+    }
+
     /// Handles one complete server message (type byte included), appending what the client
     /// should receive to `out`.
     pub fn message(&mut self, pending: &Pending, msg: &[u8], out: &mut BytesMut) {
         match msg[0] {
-            b'1' => {
+            b'1' if pending.current(self.ready_seen) == Some(true) => {
                 out.extend_from_slice(&self.held.split());
                 self.held.extend_from_slice(msg);
             }
             b'2' if self.held.len() == 5 => self.held.extend_from_slice(msg),
-            b'E' => match pending.matches(&msg[5..]) {
-                Some(extended) => {
-                    if extended {
-                        self.held.clear();
-                    } else {
-                        out.extend_from_slice(&self.held.split());
-                    }
-                    out.extend_from_slice(&wire::strip_error_internals(&msg[5..]));
-                }
-                None => {
+            b'E' if pending.matches(&msg[5..], self.ready_seen) => {
+                if pending.current(self.ready_seen) == Some(true) {
+                    self.held.clear();
+                } else {
                     out.extend_from_slice(&self.held.split());
-                    out.extend_from_slice(msg);
                 }
-            },
-            b'Z' => {
-                out.extend_from_slice(&self.held.split());
-                out.extend_from_slice(msg);
-                pending.complete();
+                out.extend_from_slice(&wire::strip_error_internals(&msg[5..]));
             }
-            _ => {
+            kind => {
                 out.extend_from_slice(&self.held.split());
                 out.extend_from_slice(msg);
+                if kind == b'Z' {
+                    pending.complete(self.ready_seen);
+                    self.ready_seen += 1;
+                }
             }
         }
     }
@@ -204,7 +227,7 @@ mod tests {
     #[test]
     fn extended_refusal_hides_replacement_completions() {
         let pending = Pending::default();
-        pending.push(REFUSED.into(), true);
+        pending.push(REFUSED.into(), true, 0);
         // An earlier statement in the same pipeline: Parse, Bind, Execute all succeed.
         let earlier = [msg(b'1', b""), msg(b'2', b""), msg(b'C', b"INSERT 0 1\0")];
         let mut stream = earlier.to_vec();
@@ -215,7 +238,10 @@ mod tests {
             msg(b'Z', b"T"),
         ]);
         let mut expected: Vec<u8> = earlier.concat();
-        expected.extend(msg(b'E', format!("SERROR\0C42501\0M{REFUSED}\0\0").as_bytes()));
+        expected.extend(msg(
+            b'E',
+            format!("SERROR\0C42501\0M{REFUSED}\0\0").as_bytes(),
+        ));
         expected.extend(msg(b'Z', b"T"));
         assert_eq!(run(&pending, &stream), expected);
         assert!(pending.is_empty());
@@ -224,8 +250,13 @@ mod tests {
     #[test]
     fn earlier_error_in_cycle_passes_through_untouched() {
         let pending = Pending::default();
-        pending.push(REFUSED.into(), true);
-        let stream = [msg(b'1', b""), msg(b'2', b""), error("23505", "dup"), msg(b'Z', b"E")];
+        pending.push(REFUSED.into(), true, 0);
+        let stream = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error("23505", "dup"),
+            msg(b'Z', b"E"),
+        ];
         assert_eq!(run(&pending, &stream), stream.concat());
         assert!(pending.is_empty());
     }
@@ -233,19 +264,47 @@ mod tests {
     #[test]
     fn other_errors_with_same_code_are_not_swallowed() {
         let pending = Pending::default();
-        pending.push(REFUSED.into(), true);
-        let stream = [msg(b'1', b""), msg(b'2', b""), error("42501", "permission denied"), msg(b'Z', b"I")];
+        pending.push(REFUSED.into(), true, 0);
+        let stream = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error("42501", "permission denied"),
+            msg(b'Z', b"I"),
+        ];
         assert_eq!(run(&pending, &stream), stream.concat());
     }
 
     #[test]
     fn simple_refusal_keeps_everything_but_internals() {
         let pending = Pending::default();
-        pending.push(REFUSED.into(), false);
+        pending.push(REFUSED.into(), false, 0);
         let out = run(&pending, &[error("42501", REFUSED), msg(b'Z', b"I")]);
         let mut expected = msg(b'E', format!("SERROR\0C42501\0M{REFUSED}\0\0").as_bytes());
         expected.extend(msg(b'Z', b"I"));
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn refusal_behind_an_earlier_cycle_waits_for_its_own() {
+        // Close + Sync, then the refused Parse + Describe + Sync, in one write.
+        let pending = Pending::default();
+        pending.push(REFUSED.into(), true, 1);
+        let stream = [
+            msg(b'3', b""),
+            msg(b'Z', b"I"),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error("42501", REFUSED),
+            msg(b'Z', b"I"),
+        ];
+        let mut expected = [msg(b'3', b""), msg(b'Z', b"I")].concat();
+        expected.extend(msg(
+            b'E',
+            format!("SERROR\0C42501\0M{REFUSED}\0\0").as_bytes(),
+        ));
+        expected.extend(msg(b'Z', b"I"));
+        assert_eq!(run(&pending, &stream), expected);
+        assert!(pending.is_empty());
     }
 
     #[test]

@@ -55,20 +55,24 @@ pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
     let result = negotiate(&door, stream).await;
     door.metrics.client_connections.dec();
     match result {
-        Ok(()) => tracing::debug!(%peer, "session closed"),
+        Ok(()) | Err(SessionError::Client(WireError::ClosedBeforeStartup)) => {
+            tracing::debug!(%peer, "session closed")
+        }
         Err(SessionError::Client(WireError::Io(e)) | SessionError::Server(WireError::Io(e))) => {
             tracing::debug!(%peer, error = %e, "session ended by I/O error")
         }
         Err(e) => {
-            if let SessionError::Client(w) = &e {
-                if let Some(reason) = w.reason() {
-                    door.metrics
-                        .protocol_errors
-                        .with_label_values(&[reason])
-                        .inc();
-                }
+            let reason = match &e {
+                SessionError::Client(w) => w.reason(),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                door.metrics
+                    .protocol_errors
+                    .with_label_values(&[reason])
+                    .inc();
             }
-            tracing::warn!(%peer, error = %e, "closing client connection");
+            tracing::warn!(%peer, reason = reason.unwrap_or("session"), error = %e, "closing client connection");
         }
     }
 }
@@ -154,10 +158,14 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
 /// Forwards a CancelRequest: the key in it is the real backend's (BackendKeyData is relayed
 /// unchanged), so Postgres itself decides whether it matches.
 async fn cancel(door: &FrontDoor, packet: Bytes) -> Result<(), SessionError> {
-    let mut backend = door.backend.connect().await.map_err(|source| SessionError::Backend {
-        addr: door.backend.to_string(),
-        source,
-    })?;
+    let mut backend = door
+        .backend
+        .connect()
+        .await
+        .map_err(|source| SessionError::Backend {
+            addr: door.backend.to_string(),
+            source,
+        })?;
     backend
         .write_all(&packet)
         .await
@@ -229,14 +237,13 @@ where
     // After a refused Parse, the client's messages up to Sync are skipped, as Postgres would.
     let mut skipping_to_sync = false;
     let mut terminated = false;
+    // Messages sent that each end in one ReadyForQuery; start-up ends in one too.
+    let mut cycles_sent: u64 = 1;
     loop {
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF_SIZE);
         }
-        let n = r
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| client(e.into()))?;
+        let n = r.read_buf(&mut buf).await.map_err(|e| client(e.into()))?;
         if n == 0 {
             if stream_rest > 0 || !buf.is_empty() {
                 return Err(client(WireError::UnexpectedEof));
@@ -290,22 +297,30 @@ where
                         out.extend_from_slice(&buf[run_start..pos]);
                         let sql = refusal::raise_sql("42501", &refusal);
                         let extended = h.kind == b'P';
-                        pending.push(refusal, extended);
+                        pending.push(refusal, extended, cycles_sent);
                         if extended {
                             refusal::extended_replacement(&sql, &mut out);
                             skipping_to_sync = true;
                         } else {
                             refusal::simple_replacement(&sql, &mut out);
+                            cycles_sent += 1;
                         }
                         pos += total;
                         run_start = pos;
                     } else {
+                        if h.kind == b'Q' {
+                            cycles_sent += 1;
+                        }
                         pos += total;
                     }
                 }
                 kind => {
                     match kind {
-                        b'S' => skipping_to_sync = false,
+                        b'S' => {
+                            skipping_to_sync = false;
+                            cycles_sent += 1;
+                        }
+                        b'F' => cycles_sent += 1,
                         b'X' => terminated = true,
                         _ => {}
                     }
@@ -378,10 +393,7 @@ where
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF_SIZE);
         }
-        let n = r
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| server(e.into()))?;
+        let n = r.read_buf(&mut buf).await.map_err(|e| server(e.into()))?;
         if n == 0 {
             if stream_rest > 0 || !buf.is_empty() {
                 return Err(server(WireError::UnexpectedEof));
@@ -406,6 +418,7 @@ where
             let total = h.total();
             let complete = len - pos >= total;
             if pending.is_empty() && filter.is_idle() {
+                filter.passed(h.kind);
                 if complete {
                     pos += total;
                 } else {

@@ -31,6 +31,9 @@ pub enum WireError {
     MessageLength { kind: char, len: u32 },
     #[error("connection closed in the middle of a message")]
     UnexpectedEof,
+    /// Closed before sending a byte: port probes and health checks, not an error.
+    #[error("connection closed before start-up")]
+    ClosedBeforeStartup,
     #[error("TLS: {0}")]
     Tls(String),
     #[error("I/O: {0}")]
@@ -45,7 +48,7 @@ impl WireError {
             WireError::MessageLength { .. } => Some("message_length"),
             WireError::UnexpectedEof => Some("unexpected_eof"),
             WireError::Tls(_) => Some("tls"),
-            WireError::Io(_) => None,
+            WireError::Io(_) | WireError::ClosedBeforeStartup => None,
         }
     }
 
@@ -70,7 +73,11 @@ pub enum StartupRequest {
 /// bytes belong to the TLS handshake and must not have been buffered in clear.
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupRequest, WireError> {
     let mut head = [0u8; 8];
-    read_exact_or_eof(r, &mut head[..4]).await?;
+    let first = r.read(&mut head[..4]).await?;
+    if first == 0 {
+        return Err(WireError::ClosedBeforeStartup);
+    }
+    read_exact_or_eof(r, &mut head[first..4]).await?;
     let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     if !(8..=MAX_STARTUP_LEN).contains(&len) {
         return Err(WireError::StartupPacket(format!("length {len}")));
@@ -353,10 +360,7 @@ mod tests {
     #[test]
     fn texts() {
         assert_eq!(query_text(b"select 1\0"), Some("select 1"));
-        assert_eq!(
-            parse_text(b"s1\0insert\0\0\0"),
-            Some(("s1", "insert"))
-        );
+        assert_eq!(parse_text(b"s1\0insert\0\0\0"), Some(("s1", "insert")));
         assert_eq!(parse_text(b"s1"), None);
     }
 }
