@@ -36,6 +36,11 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Start a local demo: N Postgres servers, each behind a pgmm node; Ctrl-C removes it all.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
 }
 
 /// Why `serve` could not start or stopped abnormally.
@@ -64,7 +69,11 @@ impl ServeError {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo prints its own progress; node logs would drown it unless asked for.
+    init_tracing(match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    });
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
@@ -76,6 +85,7 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Demo { nodes } => crate::demo::main(nodes),
         Command::Serve { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -100,9 +110,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

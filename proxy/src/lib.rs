@@ -5,10 +5,13 @@
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod frontdoor;
 pub mod metrics;
 pub mod ownership;
+pub mod pgoutput;
 pub mod refusal;
+pub mod replication;
 pub mod session;
 pub mod table;
 pub mod tls;

@@ -1,0 +1,540 @@
+//! `pgmm demo`: a local cluster in one command, for someone trying pgmm for the first time.
+//!
+//! It initdb's one Postgres per node in a temporary directory, starts them, creates the `demo`
+//! schema on each, and runs one pgmm node in front of each Postgres, then prints the URLs to
+//! connect to. This first version has no replication: the nodes are independent, but the
+//! ownership rules already work, so a write to another node's table is refused.
+//!
+//! Design note: the pgmm nodes run inside this process (with [`crate::cli::run_node`], one
+//! shared cancellation token) rather than as `pgmm serve` child processes, so that there is
+//! exactly one process to stop. One Ctrl-C (or SIGTERM) reaches one process, which stops the
+//! nodes, then stops every Postgres it started and removes the directory, in that order;
+//! there are no pgmm children to orphan, to find again, or to signal one by one, and a failure
+//! anywhere during start-up unwinds through the same guard (`postgres::Workspace`).
+
+mod postgres;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{run_node, ServeError};
+use crate::config::{Config, ConfigError};
+use postgres::{Server, Workspace};
+
+/// The most nodes the demo starts: node names are single letters, and each node is a whole
+/// Postgres server on a laptop.
+pub const MAX_NODES: usize = 9;
+/// Seconds open client sessions get to finish when the demo stops; short, because the person
+/// who pressed Ctrl-C wants the prompt back.
+const CLIENT_GRACE_SECONDS: u64 = 2;
+/// How long the pgmm nodes may take to start listening, and to stop.
+const NODE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the demo could not start, or stopped abnormally.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("--nodes must be between 1 and {MAX_NODES}, not {0}")]
+    NodeCount(usize),
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) not found: \
+         install them with 'apt-get install -y postgresql'"
+    )]
+    BinariesNotFound,
+    #[error(
+        "running as root, and Postgres refuses to run as root, but there is no `postgres` system \
+         user to run it as; create one (apt-get install -y postgresql does) or run the demo as \
+         an ordinary user"
+    )]
+    NoPostgresUser,
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("initdb for node {node} failed ({status}); {log}")]
+    Initdb {
+        node: String,
+        status: ExitStatus,
+        log: String,
+    },
+    #[error("postgres of node {node} exited during start-up ({status}); {log}")]
+    PostgresExited {
+        node: String,
+        status: ExitStatus,
+        log: String,
+    },
+    #[error("timed out waiting for {what}; {log}")]
+    Timeout { what: String, log: String },
+    #[error("cannot create schema demo on node {node}: {source}")]
+    Schema {
+        node: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("the generated config of node {node} is invalid: {source}")]
+    Config {
+        node: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("pgmm node {node} failed: {source}")]
+    Node {
+        node: String,
+        #[source]
+        source: ServeError,
+    },
+    #[error("pgmm node {node} stopped unexpectedly{detail}")]
+    NodeStopped { node: String, detail: String },
+    #[error("pgmm node {node} did not answer a query on {addr} within {NODE_TIMEOUT:?}")]
+    NotServing { node: String, addr: String },
+    #[error("cleaning up: {0}")]
+    Cleanup(String),
+}
+
+impl DemoError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// 2 for what the user fixes before trying again (arguments, missing software), 1 for a
+    /// failure while running.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NodeCount(_) | Self::BinariesNotFound | Self::NoPostgresUser => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// `pgmm demo --nodes N`: runs the demo until SIGINT or SIGTERM.
+pub fn main(nodes: usize) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pgmm demo: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(nodes)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgmm demo: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Starts the demo, prints how to reach it, and runs until SIGINT or SIGTERM; everything
+/// started is stopped and the directory removed before this returns, also on error.
+pub async fn run(nodes: usize) -> Result<(), DemoError> {
+    let names = node_names(nodes)?;
+    let server = Server::locate()?;
+    let stop = CancellationToken::new();
+    let signals = watch_signals(stop.clone())?;
+    let result = run_until(&names, server, &stop).await;
+    signals.abort();
+    result
+}
+
+/// One node's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodePorts {
+    pub(crate) postgres: u16,
+    pub(crate) client: u16,
+    pub(crate) metrics: u16,
+}
+
+/// The running pgmm nodes.
+struct Running {
+    tasks: JoinSet<Result<(), ServeError>>,
+    /// Node name of each task, to name the node whose task panicked.
+    names: HashMap<tokio::task::Id, String>,
+    shutdown: CancellationToken,
+}
+
+/// What one node task ended with.
+type Joined = Result<(tokio::task::Id, Result<(), ServeError>), JoinError>;
+
+async fn run_until(
+    names: &[String],
+    server: Server,
+    stop: &CancellationToken,
+) -> Result<(), DemoError> {
+    progress(format_args!(
+        "using the Postgres server binaries in {}",
+        server.bindir().display()
+    ));
+    let mut workspace = Workspace::create(server)?;
+    let ports = pick_ports(names.len())?;
+    let started = tokio::select! {
+        started = start(&mut workspace, names, &ports) => Some(started),
+        () = stop.cancelled() => None,
+    };
+    let mut running = match started {
+        Some(Ok(running)) => running,
+        Some(Err(e)) => {
+            progress(format_args!("start-up failed; stopping what was started"));
+            if let Err(cleanup) = workspace.teardown() {
+                eprintln!("pgmm demo: {cleanup}");
+            }
+            return Err(e);
+        }
+        None => {
+            progress(format_args!(
+                "interrupted during start-up; stopping what was started"
+            ));
+            return workspace.teardown();
+        }
+    };
+    print_endpoints(names, &ports, workspace.root());
+
+    let failure = tokio::select! {
+        () = stop.cancelled() => None,
+        Some(joined) = running.tasks.join_next_with_id() => Some(node_stopped(&running.names, joined)),
+    };
+    progress(format_args!("stopping the pgmm nodes"));
+    running.shutdown.cancel();
+    let drained = tokio::time::timeout(NODE_TIMEOUT, async {
+        while let Some(joined) = running.tasks.join_next_with_id().await {
+            if let Err(e) = flatten(&running.names, joined) {
+                eprintln!("pgmm demo: {e}");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!("pgmm demo: the pgmm nodes did not stop within {NODE_TIMEOUT:?}; aborting them");
+        running.tasks.abort_all();
+    }
+    progress(format_args!(
+        "stopping postgres and removing {}",
+        workspace.root().display()
+    ));
+    let cleaned = workspace.teardown();
+    match failure {
+        Some(e) => {
+            if let Err(cleanup) = cleaned {
+                eprintln!("pgmm demo: {cleanup}");
+            }
+            Err(e)
+        }
+        None => {
+            cleaned?;
+            progress(format_args!("demo stopped"));
+            Ok(())
+        }
+    }
+}
+
+async fn start(
+    workspace: &mut Workspace,
+    names: &[String],
+    ports: &[NodePorts],
+) -> Result<Running, DemoError> {
+    progress(format_args!(
+        "creating {} (nodes {}) in {} ...",
+        plural(names.len(), "Postgres cluster"),
+        names.join(", "),
+        workspace.root().display()
+    ));
+    for name in names {
+        workspace.prepare_node(name)?;
+    }
+    workspace.initdb(names).await?;
+
+    let mut postmasters = Vec::with_capacity(names.len());
+    for (name, ports) in names.iter().zip(ports) {
+        progress(format_args!(
+            "starting postgres for node {name} on 127.0.0.1:{} ...",
+            ports.postgres
+        ));
+        workspace.configure(name, ports.postgres)?;
+        postmasters.push(workspace.start_postgres(name)?);
+    }
+    let schema = schema_sql(names);
+    for ((name, ports), postmaster) in names.iter().zip(ports).zip(postmasters) {
+        progress(format_args!(
+            "waiting for postgres of node {name} to accept connections ..."
+        ));
+        let client = workspace.wait_ready(postmaster, ports.postgres).await?;
+        progress(format_args!("creating schema demo on node {name} ..."));
+        client
+            .batch_execute(&schema)
+            .await
+            .map_err(|source| DemoError::Schema {
+                node: name.clone(),
+                source,
+            })?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut task_names = HashMap::new();
+    for (name, node_ports) in names.iter().zip(ports) {
+        progress(format_args!("starting pgmm for node {name} ..."));
+        let text = node_config(name, names, ports, node_ports);
+        let path = workspace.node_dir(name).join("pgmm.toml");
+        std::fs::write(&path, &text)
+            .map_err(|e| DemoError::io(format!("write {}", path.display()), e))?;
+        let config = Config::parse(&text, &path).map_err(|source| DemoError::Config {
+            node: name.clone(),
+            source,
+        })?;
+        let task = tasks.spawn(run_node(config, shutdown.clone()));
+        task_names.insert(task.id(), name.clone());
+    }
+
+    let listening = async {
+        for (name, ports) in names.iter().zip(ports) {
+            wait_serving(name, ports).await?;
+        }
+        Ok::<(), DemoError>(())
+    };
+    tokio::select! {
+        ready = listening => ready?,
+        Some(joined) = tasks.join_next_with_id() => return Err(node_stopped(&task_names, joined)),
+    }
+    Ok(Running {
+        tasks,
+        names: task_names,
+        shutdown,
+    })
+}
+
+/// Node names `a`, `b`, ... for `--nodes`.
+pub(crate) fn node_names(nodes: usize) -> Result<Vec<String>, DemoError> {
+    if !(1..=MAX_NODES).contains(&nodes) {
+        return Err(DemoError::NodeCount(nodes));
+    }
+    Ok((b'a'..)
+        .take(nodes)
+        .map(|b| char::from(b).to_string())
+        .collect())
+}
+
+/// Three free loopback ports per node. All listeners are held until every port is chosen, so
+/// that no two roles get the same port; a port could still be taken by someone else before
+/// we bind it, which then fails start-up with a clear "address in use".
+fn pick_ports(nodes: usize) -> Result<Vec<NodePorts>, DemoError> {
+    let listeners = (0..nodes * 3)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
+    let ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
+    Ok(ports
+        .chunks(3)
+        .map(|p| NodePorts {
+            postgres: p[0],
+            client: p[1],
+            metrics: p[2],
+        })
+        .collect())
+}
+
+/// The `demo` schema, identical on every node: the shared `demo.items` and one
+/// `demo.owned_by_<node>` per node, which the generated configs give to that node.
+pub(crate) fn schema_sql(names: &[String]) -> String {
+    const COLUMNS: &str =
+        "(id bigint primary key, v text, updated_at timestamptz not null default now())";
+    let mut sql = format!(
+        "create schema if not exists demo;\n\
+         create table if not exists demo.items {COLUMNS};\n\
+         comment on table demo.items is 'shared: write it through any node';\n"
+    );
+    for name in names {
+        sql.push_str(&format!(
+            "create table if not exists demo.owned_by_{name} {COLUMNS};\n\
+             comment on table demo.owned_by_{name} is \
+             'owned by node {name}: pgmm refuses writes to it through the other nodes';\n"
+        ));
+    }
+    sql
+}
+
+/// The config file of node `name`.
+pub(crate) fn node_config(
+    name: &str,
+    names: &[String],
+    all_ports: &[NodePorts],
+    ports: &NodePorts,
+) -> String {
+    let nodes = names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!(
+        "# Generated by `pgmm demo` for node {name:?} of {count}.\n\
+         [node]\n\
+         name = {name:?}\n\
+         \n\
+         [cluster]\n\
+         name = \"demo\"\n\
+         nodes = [{nodes}]\n\
+         \n\
+         [client]\n\
+         listen = \"127.0.0.1:{client}\"\n\
+         shutdown_grace_seconds = {CLIENT_GRACE_SECONDS}\n\
+         \n\
+         [postgres]\n\
+         url = \"postgres://postgres@127.0.0.1:{postgres}/postgres\"\n\
+         \n\
+         [metrics]\n\
+         listen = \"127.0.0.1:{metrics}\"\n",
+        count = all_ports.len(),
+        client = ports.client,
+        postgres = ports.postgres,
+        metrics = ports.metrics,
+    );
+    for owner in names {
+        text.push_str(&format!(
+            "\n[[ownership]]\ntable = \"demo.owned_by_{owner}\"\nowner = {owner:?}\n"
+        ));
+    }
+    text
+}
+
+/// The client URL of a node: through its pgmm front door, not to Postgres directly.
+pub(crate) fn client_url(ports: &NodePorts) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/postgres", ports.client)
+}
+
+/// What the newcomer needs, on stdout: one `<name> <url>` line per node (a stable format that
+/// scripts and tests read), metrics, something to try, and how to stop.
+fn print_endpoints(names: &[String], ports: &[NodePorts], root: &Path) {
+    let mut text = format!(
+        "pgmm demo: {} running (each node is its own Postgres behind pgmm; \
+         replication between nodes is not built yet)\n",
+        plural(names.len(), "node")
+    );
+    for (name, ports) in names.iter().zip(ports) {
+        text.push_str(&format!("{name} {}\n", client_url(ports)));
+        text.push_str(&format!(
+            "  metrics: http://127.0.0.1:{}/metrics\n",
+            ports.metrics
+        ));
+    }
+    if let (Some(first), Some(last)) = (ports.first(), names.last()) {
+        if names.len() > 1 {
+            text.push_str(&format!(
+                "try: psql {} -c \"insert into demo.owned_by_{last} values (1, 'x')\"   \
+                 (refused: node {last} owns that table)\n",
+                client_url(first)
+            ));
+        }
+    }
+    text.push_str(&format!(
+        "Ctrl-C stops the demo and removes {}\n",
+        root.display()
+    ));
+    // Nothing useful to do if stdout is gone (e.g. piped into a closed `head`); keep running.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+/// Start-up progress, on stderr so that stdout carries only the result.
+fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("pgmm demo: {message}");
+}
+
+/// Polls until a query goes through the node's front door to its Postgres. A bare TCP probe
+/// would do to see the listener, but pgmm rightly counts a connection closed before its
+/// startup packet as a protocol error; a real session is both clean and a stronger check.
+async fn wait_serving(name: &str, ports: &NodePorts) -> Result<(), DemoError> {
+    let url = format!("{}?connect_timeout=5", client_url(ports));
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let attempt = async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            let driver = tokio::spawn(connection);
+            let answered = client.simple_query("select 1").await;
+            drop(client);
+            let _ = driver.await;
+            answered
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(DemoError::NotServing {
+                node: name.to_owned(),
+                addr: format!("127.0.0.1:{}", ports.client),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A node task's outcome as an error: a node never stops on its own while the demo runs.
+fn node_stopped(names: &HashMap<tokio::task::Id, String>, joined: Joined) -> DemoError {
+    match flatten(names, joined) {
+        Err(e) => e,
+        Ok(node) => DemoError::NodeStopped {
+            node,
+            detail: String::new(),
+        },
+    }
+}
+
+/// The node a task ran, or why it failed.
+fn flatten(names: &HashMap<tokio::task::Id, String>, joined: Joined) -> Result<String, DemoError> {
+    let name = |id| names.get(&id).cloned().unwrap_or_else(|| "?".to_owned());
+    match joined {
+        Ok((id, Ok(()))) => Ok(name(id)),
+        Ok((id, Err(source))) => Err(DemoError::Node {
+            node: name(id),
+            source,
+        }),
+        Err(e) => Err(DemoError::NodeStopped {
+            node: name(e.id()),
+            detail: format!(": {e}"),
+        }),
+    }
+}
+
+fn watch_signals(stop: CancellationToken) -> Result<tokio::task::JoinHandle<()>, DemoError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DemoError::Signal)?;
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => progress(format_args!("SIGTERM: stopping")),
+            _ = int.recv() => progress(format_args!("SIGINT: stopping")),
+        }
+        stop.cancel();
+    }))
+}
