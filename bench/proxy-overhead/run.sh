@@ -320,14 +320,21 @@ done
 WORKLOADS=(select tpcb)
 declare -A wl_args=([select]="-S -M prepared" [tpcb]="-M simple")
 declare -A wl_title=([select]="select-only -M prepared" [tpcb]="TPC-B -M simple")
-declare -A tps failed
+declare -A tps failed cpu_us
+clk_tck=$(getconf CLK_TCK)
+# utime + stime of a process, in clock ticks: the proxy's own CPU cost per transaction is a
+# steadier figure than TPS on a machine shared with other work.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 [[ -n "${CSV:-}" ]] && echo "round,workload,target,tps,failed" >"$CSV"
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 log "throughput: $ROUNDS round(s) x ${#WORKLOADS[@]} workloads x targets [$TARGETS], ${DURATION}s each, -c $CLIENTS -j $THREADS"
 for round in $(seq "$ROUNDS"); do
     for wl in "${WORKLOADS[@]}"; do
         for t in $TARGETS; do
             out="$work/logs/pgbench-r$round-$wl-$t.log"
+            ppid=$(pid_of "$t")
+            [[ -n "$ppid" ]] && cpu0=$(cpu_ticks "$ppid")
             # shellcheck disable=SC2086
             if "$PGBENCH" -h 127.0.0.1 -p "$(port_of "$t")" -U postgres ${wl_args[$wl]} \
                 -c "$CLIENTS" -j "$THREADS" -T "$DURATION" postgres >"$out" 2>&1; then :; else
@@ -336,6 +343,12 @@ for round in $(seq "$ROUNDS"); do
             fi
             v=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out")
             f=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
+            n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+            if [[ -n "$ppid" && -n "$n" && "$n" != 0 ]]; then
+                cpu1=$(cpu_ticks "$ppid")
+                cpu_us[$wl,$t]+="$(awk -v d=$((cpu1 - cpu0)) -v hz="$clk_tck" -v n="$n" \
+                    'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+            fi
             [[ -n "$v" ]] && v=$(printf '%.1f' "$v") || v=ERR
             f=${f:-0}
             tps[$wl,$t]+="$v "
@@ -349,11 +362,13 @@ done
 # ---------------------------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------------------------
+# median DECIMALS VALUE...: ERR values are ignored; ERR if nothing is left.
 median() {
     python3 -c '
 import statistics, sys
-v = [float(x) for x in sys.argv[1:] if x != "ERR"]
-print(f"{statistics.median(v):.1f}" if v else "ERR")' "$@"
+d = int(sys.argv[1])
+v = [float(x) for x in sys.argv[2:] if x not in ("ERR", "-")]
+print(f"{statistics.median(v):.{d}f}" if v else "ERR")' "$@"
 }
 ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a == "ERR" || b == "ERR" || b == 0) print "-"; else printf "%.3f", a / b }'
@@ -363,14 +378,15 @@ declare -A med
 for wl in "${WORKLOADS[@]}"; do
     for t in $TARGETS; do
         # shellcheck disable=SC2086
-        med[$wl,$t]=$(median ${tps[$wl,$t]})
+        med[$wl,$t]=$(median 1 ${tps[$wl,$t]})
     done
 done
 
 has() { [[ " $TARGETS " == *" $1 "* ]]; }
 echo
 echo "pgmm proxy overhead: pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS round(s), median TPS"
-echo "Postgres $("$PG_BINDIR/postgres" --version | awk '{ print $3 }'), $(nproc) CPUs, all clients over 127.0.0.1 TCP"
+echo "Postgres $("$PG_BINDIR/postgres" --version | awk '{ print $3 }'), $(nproc) CPUs, all clients over 127.0.0.1 TCP," \
+    "load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 printf '%-24s' "workload"
 for t in $TARGETS; do printf ' %11s' "$t"; done
@@ -390,12 +406,47 @@ for wl in "${WORKLOADS[@]}"; do
     printf '\n'
 done
 echo
-echo "all runs (TPS):"
+echo "all runs (TPS, in round order):"
 for wl in "${WORKLOADS[@]}"; do
     for t in $TARGETS; do
-        printf '  %-24s %-10s %s\n' "${wl_title[$wl]}" "$t" "${tps[$wl,$t]}"
+        printf '  %-24s %-10s %s\n' "${wl_title[$wl]}" "$t" "${tps[$wl,$t]% }"
     done
 done
+
+# Ratios within each round compare runs made minutes apart only, so they are less exposed to
+# slow drift of a shared machine than the ratio of medians.
+per_round_ratios() {
+    local -a a b
+    read -r -a a <<<"$1"
+    read -r -a b <<<"$2"
+    local out="" i
+    for i in "${!a[@]}"; do out+="$(ratio "${a[$i]}" "${b[$i]:-ERR}") "; done
+    echo "${out% }"
+}
+if has direct && { has pgmm || has pgbouncer; }; then
+    echo
+    echo "ratio to direct within each round (median; per round):"
+    for wl in "${WORKLOADS[@]}"; do
+        for t in pgmm pgbouncer; do
+            has "$t" || continue
+            r=$(per_round_ratios "${tps[$wl,$t]}" "${tps[$wl,direct]}")
+            # shellcheck disable=SC2086
+            printf '  %-24s %-17s %s  (%s)\n' "${wl_title[$wl]}" "$t/direct" "$(median 3 $r)" "$r"
+        done
+    done
+fi
+
+if has pgmm || has pgbouncer; then
+    echo
+    echo "proxy CPU time (user+system) per transaction, median over rounds:"
+    for wl in "${WORKLOADS[@]}"; do
+        for t in pgmm pgbouncer; do
+            has "$t" || continue
+            # shellcheck disable=SC2086
+            printf '  %-24s %-10s %8s us\n' "${wl_title[$wl]}" "$t" "$(median 1 ${cpu_us[$wl,$t]:-ERR})"
+        done
+    done
+fi
 
 if has pgmm || has pgbouncer; then
     echo

@@ -36,6 +36,11 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Bring the local database's pgmm schema up to date, printing what was applied.
+    Migrate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Start a local demo: N Postgres servers, each behind a pgmm node; Ctrl-C removes it all.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -86,6 +91,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Demo { nodes } => crate::demo::main(nodes),
+        Command::Migrate { config } => crate::migrate::cli_main(&config),
         Command::Serve { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
