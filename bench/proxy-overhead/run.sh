@@ -188,9 +188,14 @@ nodes = ["a", "b"]
 listen = "127.0.0.1:$pgmm_port"
 shutdown_grace_seconds = 2
 [postgres]
-url = "postgres://postgres@127.0.0.1:$pg_port/postgres"
+url = "$(pgmm_backend_url)"
 [metrics]
 listen = "127.0.0.1:$metrics_port"
+# An ownership rule on a table the workload does not touch, so the front door's ownership path
+# (the pre-filter that decides whether a statement must be parsed) is measured as deployed.
+[[ownership]]
+table = "public.owned_by_b"
+owner = "b"
 EOF
     log "starting pgmm on 127.0.0.1:$pgmm_port"
     "$PGMM" serve --config "$work/pgmm.toml" >"$work/logs/pgmm.log" 2>&1 &
@@ -204,12 +209,22 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # PgBouncer, session mode.
 # ---------------------------------------------------------------------------------------------
+# Both proxies reach Postgres the same way: over its Unix socket (BACKEND=unix, the default,
+# the way a proxy beside its Postgres is deployed) or over 127.0.0.1 TCP (BACKEND=tcp).
+backend_host() {
+    if [ "${BACKEND:-unix}" = tcp ]; then echo 127.0.0.1; else echo "$work/run"; fi
+}
+pgmm_backend_url() {
+    local host
+    host=$(backend_host)
+    echo "postgresql://postgres@${host//\//%2F}:$pg_port/postgres"
+}
 bouncer_pid() { cat "$work/run/pgbouncer.pid"; }
 start_pgbouncer() {
     echo '"postgres" ""' >"$work/run/userlist.txt"
     cat >"$work/run/pgbouncer.ini" <<EOF
 [databases]
-postgres = host=127.0.0.1 port=$pg_port dbname=postgres
+postgres = host=$(backend_host) port=$pg_port dbname=postgres
 
 [pgbouncer]
 listen_addr = 127.0.0.1

@@ -102,6 +102,84 @@ impl Classification {
     }
 }
 
+/// The kind of a single statement judged by its first keyword alone, for the hot path of
+/// statements that cannot touch a table whose ownership matters (the caller checks that):
+/// simple-protocol clients send texts with fresh literals every time, which never hit the
+/// cache and would otherwise all be parsed. `None` whenever the first keyword does not decide
+/// (WITH, COPY, EXPLAIN, PREPARE, DDL, `SELECT ... INTO`, several statements, ...): the caller
+/// then takes the full parse. Agrees with [`Classification::of`] wherever it answers.
+pub fn quick_kind(sql: &str) -> Option<QueryKind> {
+    let text = skip_space_and_comments(sql);
+    // One statement only: nothing but space after a first semicolon.
+    if let Some(semi) = text.find(';') {
+        if !text[semi + 1..].trim().is_empty() {
+            return None;
+        }
+    }
+    let word_len = text.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &text[..word_len];
+    let is = |k: &str| word.eq_ignore_ascii_case(k);
+    if is("select") {
+        let lower = text.to_ascii_lowercase();
+        return (!lower.contains("into")).then_some(QueryKind::Read);
+    }
+    if ["insert", "update", "delete"].into_iter().any(is) {
+        return Some(QueryKind::Write);
+    }
+    if [
+        "begin",
+        "commit",
+        "end",
+        "rollback",
+        "savepoint",
+        "release",
+        "set",
+        "reset",
+    ]
+    .into_iter()
+    .any(is)
+    {
+        return Some(QueryKind::Other);
+    }
+    None
+}
+
+/// `sql` after leading white space and `--` / `/* */` comments (nested, as in Postgres).
+fn skip_space_and_comments(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.find('\n').map_or("", |i| &rest[i + 1..]);
+        } else if sql.starts_with("/*") {
+            let mut depth = 0usize;
+            let mut i = 0;
+            let bytes = sql.as_bytes();
+            while i + 1 < bytes.len() {
+                match (bytes[i], bytes[i + 1]) {
+                    (b'/', b'*') => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    (b'*', b'/') => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            if depth != 0 {
+                return "";
+            }
+            sql = &sql[i..];
+        } else {
+            return sql;
+        }
+    }
+}
+
 /// A classifier with a bounded LRU cache keyed by statement text, shared by all sessions.
 pub struct Classifier {
     cache: Mutex<LruCache<Box<str>, Arc<Classification>>>,
@@ -1000,5 +1078,48 @@ mod tests {
         }
         let miss = start.elapsed() / MISSES;
         println!("classify: cache hit {hit:?}/call, miss {miss:?}/call");
+    }
+
+    #[test]
+    fn quick_kind_agrees_with_the_parser_wherever_it_answers() {
+        let texts = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+            "  -- comment\n select 1",
+            "/* a /* nested */ comment */ SELECT 1",
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7;",
+            "INSERT INTO pgbench_history (tid, bid) VALUES (1, 2);",
+            "delete from t where id = 1",
+            "BEGIN;",
+            "END;",
+            "COMMIT",
+            "ROLLBACK",
+            "SAVEPOINT s1",
+            "RELEASE SAVEPOINT s1",
+            "SET search_path = public",
+            "RESET ALL",
+            "select * into newtable from t",
+            "select 1; delete from t",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "COPY t FROM STDIN",
+            "EXPLAIN ANALYZE DELETE FROM t",
+            "create table t (id int)",
+            "PREPARE p AS INSERT INTO t VALUES (1)",
+            "/* unterminated",
+            "",
+        ];
+        let mut answered = 0;
+        for sql in texts {
+            if let Some(kind) = quick_kind(sql) {
+                answered += 1;
+                assert_eq!(kind, Classification::of(sql).kind, "{sql}");
+            }
+        }
+        assert_eq!(answered, 14);
+        assert_eq!(quick_kind("select * into newtable from t"), None);
+        assert_eq!(quick_kind("select 1; delete from t"), None);
+        assert_eq!(
+            quick_kind("WITH d AS (DELETE FROM t RETURNING *) SELECT 1"),
+            None
+        );
     }
 }

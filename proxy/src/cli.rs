@@ -100,10 +100,17 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = match config.node.threads() {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+            }
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -16,6 +16,10 @@ pub struct Ownership {
     /// Owner of each owned table, including the tables this node owns itself (they are simply
     /// allowed), so that the rules stay inspectable as configured.
     tables: HashMap<TableName, String>,
+    /// How each table owned by another node can appear in statement text (lower case, with
+    /// `"` doubled as inside a quoted identifier): a statement containing none of them cannot
+    /// write such a table, so the front door need not parse it.
+    foreign_spellings: Vec<String>,
 }
 
 impl Ownership {
@@ -23,10 +27,38 @@ impl Ownership {
         local_node: &str,
         table_owners: impl IntoIterator<Item = (TableName, String)>,
     ) -> Self {
+        let tables: HashMap<TableName, String> = table_owners.into_iter().collect();
+        let mut foreign_spellings: Vec<String> = tables
+            .iter()
+            .filter(|(_, owner)| owner.as_str() != local_node)
+            .map(|(table, _)| table.name.to_lowercase().replace('"', "\"\""))
+            .collect();
+        foreign_spellings.sort();
+        foreign_spellings.dedup();
         Self {
             local: local_node.to_owned(),
-            tables: table_owners.into_iter().collect(),
+            tables,
+            foreign_spellings,
         }
+    }
+
+    /// Whether `sql` might write a table another node owns, judged by a substring scan: false
+    /// only when no such table's name appears in the text at all (any case, quoted or not).
+    /// Non-ASCII text and Unicode-escaped identifiers (`U&"..."`) always answer true, since
+    /// their spelling of a name may differ from the stored one.
+    pub fn may_write_foreign(&self, sql: &str) -> bool {
+        if self.foreign_spellings.is_empty() {
+            return false;
+        }
+        if !sql.is_ascii() {
+            return true;
+        }
+        let lower = sql.to_ascii_lowercase();
+        lower.contains("u&")
+            || self
+                .foreign_spellings
+                .iter()
+                .any(|name| lower.contains(name.as_str()))
     }
 
     /// First written table this node may not write, as an error, or Ok.
@@ -182,5 +214,24 @@ mod tests {
         assert!(own_b
             .check(&[TableName::new("public", "owned_by_b")])
             .is_ok());
+    }
+
+    #[test]
+    fn foreign_names_prefilter() {
+        let o = Ownership::new(
+            "a",
+            [
+                (TableName::new("public", "owned_by_b"), "b".to_string()),
+                (TableName::new("public", "Mine"), "a".to_string()),
+                (TableName::new("s", "We\"ird"), "c".to_string()),
+            ],
+        );
+        assert!(o.may_write_foreign("INSERT INTO Owned_By_B VALUES (1)"));
+        assert!(o.may_write_foreign("update s.\"We\"\"ird\" set x = 1"));
+        assert!(o.may_write_foreign("insert into U&\"\\0061\" values (1)"));
+        assert!(o.may_write_foreign("insert into café values (1)"));
+        assert!(!o.may_write_foreign("insert into \"Mine\" values (1)"));
+        assert!(!o.may_write_foreign("select * from pgbench_accounts"));
+        assert!(!Ownership::new("a", []).may_write_foreign("insert into owned_by_b values (1)"));
     }
 }

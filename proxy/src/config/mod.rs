@@ -45,6 +45,23 @@ pub struct Config {
 pub struct NodeConfig {
     /// `[a-z0-9_]+`: it becomes part of slot and origin names (`pgmm_<node>`).
     pub name: String,
+    /// Threads of the async runtime; 0 (the default) picks [`NodeConfig::threads`]' choice.
+    pub worker_threads: usize,
+}
+
+impl NodeConfig {
+    /// The runtime's thread count: the configured one, or half the CPUs (at least one), since
+    /// pgmm shares the machine with the Postgres it fronts. With one thread pgmm uses a
+    /// current-thread runtime: measured here, cross-thread wake-ups cost more than a second
+    /// thread gives back when the cores are busy with Postgres anyway.
+    pub fn threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        std::thread::available_parallelism()
+            .map(|n| (n.get() / 2).max(1))
+            .unwrap_or(1)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -113,6 +113,8 @@ owner = "b"
 "#;
     let config = parse(text).unwrap();
     assert_eq!(config.client.shutdown_grace_seconds, 30);
+    assert_eq!(config.node.worker_threads, 0);
+    assert!(config.node.threads() >= 1);
     assert_eq!(config.client.tls_cert, None);
     assert_eq!(config.postgres.pool_size, 4);
     assert_eq!(config.replication, ReplicationConfig::default());

@@ -41,6 +41,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawNode {
     name: Spanned<String>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +136,7 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
 
 fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let node = check_node_name(src, "node.name", &raw.node.name)?;
+    let node_threads = raw.node.worker_threads.unwrap_or(0);
 
     let cluster_name = non_empty(src, "cluster.name", &raw.cluster.name)?;
     let nodes = check_cluster_nodes(src, &raw.cluster.nodes)?;
@@ -183,7 +185,10 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let ownership = check_ownership(src, &nodes, raw.ownership)?;
 
     Ok(Config {
-        node: NodeConfig { name: node },
+        node: NodeConfig {
+            name: node,
+            worker_threads: node_threads,
+        },
         cluster: ClusterConfig {
             name: cluster_name,
             nodes,
