@@ -229,7 +229,6 @@ where
     W: AsyncWrite + Unpin,
 {
     let client = SessionError::Client;
-    let server = |e: io::Error| SessionError::Server(e.into());
     let mut buf = BytesMut::with_capacity(BUF_SIZE);
     let mut out = BytesMut::new();
     // Bytes of a streamed message still to come, and whether they are dropped.
@@ -241,14 +240,10 @@ where
     // Messages sent that each end in one ReadyForQuery; start-up ends in one too.
     let mut cycles_sent: u64 = 1;
     loop {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(BUF_SIZE);
-        }
-        let n = r.read_buf(&mut buf).await.map_err(|e| client(e.into()))?;
-        if n == 0 {
-            if stream_rest > 0 || !buf.is_empty() {
-                return Err(client(WireError::UnexpectedEof));
-            }
+        if !read_more(&mut r, &mut buf, stream_rest > 0)
+            .await
+            .map_err(client)?
+        {
             return Ok(());
         }
         let len = buf.len();
@@ -335,20 +330,16 @@ where
                 }
             }
         }
-        if !modified {
-            w.write_all(&buf[..pos]).await.map_err(server)?;
-        } else {
-            out.extend_from_slice(&buf[run_start..pos]);
-            w.write_all(&out).await.map_err(server)?;
-            out.clear();
-        }
-        buf.advance(pos);
+        let pass = Pass {
+            pos,
+            run_start,
+            modified,
+        };
+        emit(&mut w, &mut buf, &mut out, pass)
+            .await
+            .map_err(SessionError::Server)?;
         if terminated {
-            w.flush().await.map_err(server)?;
             return Ok(());
-        }
-        if buf.is_empty() && buf.capacity() > 4 * BUF_SIZE {
-            buf = BytesMut::with_capacity(BUF_SIZE);
         }
     }
 }
@@ -395,20 +386,15 @@ where
     W: AsyncWrite + Unpin,
 {
     let server = SessionError::Server;
-    let client = |e: io::Error| SessionError::Client(e.into());
     let mut buf = BytesMut::with_capacity(BUF_SIZE);
     let mut out = BytesMut::new();
     let mut filter = ResponseFilter::default();
     let mut stream_rest = 0usize;
     loop {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(BUF_SIZE);
-        }
-        let n = r.read_buf(&mut buf).await.map_err(|e| server(e.into()))?;
-        if n == 0 {
-            if stream_rest > 0 || !buf.is_empty() {
-                return Err(server(WireError::UnexpectedEof));
-            }
+        if !read_more(&mut r, &mut buf, stream_rest > 0)
+            .await
+            .map_err(server)?
+        {
             return Ok(());
         }
         let len = buf.len();
@@ -455,17 +441,62 @@ where
             }
             run_start = pos;
         }
-        if !modified {
-            w.write_all(&buf[..pos]).await.map_err(client)?;
-        } else {
-            out.extend_from_slice(&buf[run_start..pos]);
-            w.write_all(&out).await.map_err(client)?;
-            out.clear();
-        }
-        w.flush().await.map_err(client)?;
-        buf.advance(pos);
-        if buf.is_empty() && buf.capacity() > 4 * BUF_SIZE {
-            buf = BytesMut::with_capacity(BUF_SIZE);
-        }
+        let pass = Pass {
+            pos,
+            run_start,
+            modified,
+        };
+        emit(&mut w, &mut buf, &mut out, pass)
+            .await
+            .map_err(SessionError::Client)?;
     }
+}
+
+/// Reads more of a stream into `buf`; `Ok(false)` at a clean end, between messages.
+async fn read_more<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    mid_message: bool,
+) -> Result<bool, WireError> {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUF_SIZE);
+    }
+    if r.read_buf(buf).await? == 0 {
+        if mid_message || !buf.is_empty() {
+            return Err(WireError::UnexpectedEof);
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// The outcome of one pass over a read buffer: `buf[..pos]` is handled; when `modified`, `out`
+/// holds the rewritten form of `buf[..run_start]` and `buf[run_start..pos]` follows unchanged.
+struct Pass {
+    pos: usize,
+    run_start: usize,
+    modified: bool,
+}
+
+/// Writes what a pass produced (the bytes as they came whenever nothing was rewritten, the
+/// common case) and consumes them from `buf`, shrinking it back after an oversized message.
+async fn emit<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    pass: Pass,
+) -> Result<(), WireError> {
+    if pass.modified {
+        out.extend_from_slice(&buf[pass.run_start..pass.pos]);
+        w.write_all(out).await?;
+        out.clear();
+    } else {
+        w.write_all(&buf[..pass.pos]).await?;
+    }
+    w.flush().await?;
+    buf.advance(pass.pos);
+    if buf.is_empty() && buf.capacity() > 4 * BUF_SIZE {
+        *buf = BytesMut::with_capacity(BUF_SIZE);
+    }
+    Ok(())
 }
