@@ -120,8 +120,7 @@ pub fn quick_kind(sql: &str) -> Option<QueryKind> {
     let word = &text[..word_len];
     let is = |k: &str| word.eq_ignore_ascii_case(k);
     if is("select") {
-        let lower = text.to_ascii_lowercase();
-        return (!lower.contains("into")).then_some(QueryKind::Read);
+        return (!contains_ignore_ascii_case(text, "into")).then_some(QueryKind::Read);
     }
     if ["insert", "update", "delete"].into_iter().any(is) {
         return Some(QueryKind::Write);
@@ -142,6 +141,13 @@ pub fn quick_kind(sql: &str) -> Option<QueryKind> {
         return Some(QueryKind::Other);
     }
     None
+}
+
+/// Whether `needle` (lower-case ASCII) occurs in `haystack` in any ASCII case, without the
+/// allocation of lower-casing the haystack: this runs on every statement.
+pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
 }
 
 /// `sql` after leading white space and `--` / `/* */` comments (nested, as in Postgres).
@@ -1121,5 +1127,13 @@ mod tests {
             quick_kind("WITH d AS (DELETE FROM t RETURNING *) SELECT 1"),
             None
         );
+    }
+
+    #[test]
+    fn case_insensitive_search() {
+        assert!(contains_ignore_ascii_case("SELECT a INTO b", "into"));
+        assert!(contains_ignore_ascii_case("x", ""));
+        assert!(!contains_ignore_ascii_case("select 1", "into"));
+        assert!(!contains_ignore_ascii_case("in", "into"));
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::classify::contains_ignore_ascii_case;
 use crate::table::TableName;
 
 /// Which tables this node may not write, and who may.
@@ -53,12 +54,11 @@ impl Ownership {
         if !sql.is_ascii() {
             return true;
         }
-        let lower = sql.to_ascii_lowercase();
-        lower.contains("u&")
+        contains_ignore_ascii_case(sql, "u&")
             || self
                 .foreign_spellings
                 .iter()
-                .any(|name| lower.contains(name.as_str()))
+                .any(|name| contains_ignore_ascii_case(sql, name))
     }
 
     /// First written table this node may not write, as an error, or Ok.
