@@ -48,6 +48,7 @@ fn replication(patterns: &[&str]) -> ReplicationConfig {
     ReplicationConfig {
         tables: patterns.iter().map(|p| p.to_string()).collect(),
         conflict_column: "updated_at".into(),
+        ..ReplicationConfig::default()
     }
 }
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::frontdoor::{self, FrontDoor, FrontDoorError};
 use crate::metrics::{self, FrontDoorMetrics, MetricsError};
+use crate::node::{NodeError, ReplicationNode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,7 +27,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run this node: the client front door and the metrics endpoint.
+    /// Run this node: the client front door, replication to and from its peers, and the metrics
+    /// endpoint.
     Serve {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -57,17 +59,20 @@ pub enum ServeError {
     FrontDoor(#[from] FrontDoorError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
 }
 
 impl ServeError {
-    pub fn sqlstate(&self) -> &'static str {
+    pub fn sqlstate(&self) -> String {
         match self {
-            ServeError::Config(e) => e.sqlstate(),
-            ServeError::FrontDoor(e) => e.sqlstate(),
-            ServeError::Metrics(e) => e.sqlstate(),
-            ServeError::Signal(_) => "58000",
+            ServeError::Config(e) => e.sqlstate().into(),
+            ServeError::FrontDoor(e) => e.sqlstate().into(),
+            ServeError::Metrics(e) => e.sqlstate().into(),
+            ServeError::Node(e) => e.sqlstate(),
+            ServeError::Signal(_) => "58000".into(),
         }
     }
 }
@@ -148,7 +153,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
     let registry = Arc::new(metrics::new_registry()?);
     let door_metrics = FrontDoorMetrics::register(&registry)?;
     let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
-    let listener = frontdoor::bind(&config.client.listen).await?;
+    // Metrics first: while the node waits for its Postgres, /healthz shows the process is up.
     let metrics_task = match &config.metrics {
         Some(m) => {
             let listener = metrics::bind(&m.listen).await?;
@@ -160,10 +165,37 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
         }
         None => None,
     };
+    // Schema, publication and slots exist before the first client gets in, so every write
+    // made through pgmm is captured.
+    let replication =
+        match ReplicationNode::start(&config, &registry, door.ddl_seen.clone(), shutdown.clone())
+            .await
+        {
+            Ok(node) => node,
+            Err(NodeError::Cancelled) => {
+                if let Some(task) = metrics_task {
+                    let _ = task.await;
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e.into());
+            }
+        };
+    let listener = match frontdoor::bind(&config.client.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            shutdown.cancel();
+            replication.join().await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(node = %config.node.name, cluster = %config.cluster.name, "pgmm started");
     let grace = Duration::from_secs(config.client.shutdown_grace_seconds);
     frontdoor::serve(door, listener, shutdown.clone(), grace).await;
     shutdown.cancel();
+    replication.join().await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -174,6 +174,15 @@ pub async fn enrolled_tables(
     client: &impl GenericClient,
     config: &ReplicationConfig,
 ) -> Result<Vec<EnrolledTable>, EnrolError> {
+    checked_tables(client, config).await?.into_iter().collect()
+}
+
+/// Every matching table with its own verdict, sorted by name: what a running node uses, so
+/// that one table created without a primary key does not hold up the enrolment of the others.
+pub async fn checked_tables(
+    client: &impl GenericClient,
+    config: &ReplicationConfig,
+) -> Result<Vec<Result<EnrolledTable, EnrolError>>, EnrolError> {
     let excluded: Vec<&str> = EXCLUDED_SCHEMAS.to_vec();
     let rows = client
         .query(
@@ -251,10 +260,10 @@ pub async fn enrolled_tables(
         .filter(|shape| config.matches(&shape.name))
         .collect();
     shapes.sort_by(|a, b| a.name.cmp(&b.name));
-    shapes
+    Ok(shapes
         .into_iter()
         .map(|shape| check(shape, &config.conflict_column))
-        .collect()
+        .collect())
 }
 
 /// Oids of the candidates that match, minus partitions of a matching ancestor; sorted.
@@ -593,6 +602,7 @@ mod tests {
         ReplicationConfig {
             tables: patterns.iter().map(|p| p.to_string()).collect(),
             conflict_column: "updated_at".into(),
+            ..ReplicationConfig::default()
         }
     }
 

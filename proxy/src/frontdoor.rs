@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +100,9 @@ pub struct FrontDoor {
     pub ownership: Ownership,
     pub metrics: FrontDoorMetrics,
     pub startup_timeout: Duration,
+    /// Signalled when a session runs DDL, so that enrolment looks for new tables at once
+    /// instead of at its next period.
+    pub ddl_seen: Arc<Notify>,
 }
 
 impl FrontDoor {
@@ -122,6 +126,7 @@ impl FrontDoor {
             metrics,
             // Postgres's own authentication_timeout default.
             startup_timeout: Duration::from_secs(60),
+            ddl_seen: Arc::new(Notify::new()),
         })
     }
 }

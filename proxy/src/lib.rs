@@ -2,6 +2,9 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the modules and the data flow.
 
+pub mod apply;
+pub mod capture;
+pub mod changeset;
 pub mod classify;
 pub mod cli;
 pub mod config;
@@ -10,6 +13,7 @@ pub mod enrol;
 pub mod frontdoor;
 pub mod metrics;
 pub mod migrate;
+pub mod node;
 pub mod ownership;
 pub mod peer;
 pub mod pgoutput;

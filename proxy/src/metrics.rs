@@ -13,7 +13,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +105,137 @@ impl FrontDoorMetrics {
             QueryKind::Ddl => 2,
             QueryKind::Other => 3,
         }]
+    }
+}
+
+/// The replication pipeline's metrics (capture, shipping, apply, slots); `peer` is the other
+/// node's name: the receiving peer on the sending side, the origin on the applying side.
+#[derive(Clone)]
+pub struct ReplicationMetrics {
+    pub changes_captured: IntCounter,
+    pub changes_shipped: IntCounterVec,
+    pub changes_applied: IntCounterVec,
+    pub transactions_applied: IntCounterVec,
+    pub apply_errors: IntCounterVec,
+    pub replication_errors: IntCounterVec,
+    pub conflicts: IntCounterVec,
+    pub lag_seconds: GaugeVec,
+    pub lag_bytes: IntGaugeVec,
+    pub peer_up: IntGaugeVec,
+    pub slot_retained_wal_bytes: IntGaugeVec,
+    pub enrolled_tables: IntGauge,
+    pub enrolment_errors: IntCounter,
+}
+
+impl ReplicationMetrics {
+    /// Registers every series; the per-peer ones are created for `peers` at once, so a
+    /// dashboard sees a peer that never connected as down rather than as missing.
+    pub fn register(registry: &Registry, peers: &[String]) -> Result<Self, MetricsError> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let m = ReplicationMetrics {
+            changes_captured: IntCounter::new(
+                "pgmm_changes_captured_total",
+                "Row changes (insert, update, delete, truncate) made on this node and read from \
+                 its WAL for replication; changes applied from peers are not counted.",
+            )?,
+            changes_shipped: counter(
+                "pgmm_changes_shipped_total",
+                "Row changes sent to a peer.",
+                &["peer"],
+            )?,
+            changes_applied: counter(
+                "pgmm_changes_applied_total",
+                "Row changes from a peer (the origin) applied to the local database.",
+                &["peer"],
+            )?,
+            transactions_applied: counter(
+                "pgmm_transactions_applied_total",
+                "Transactions from a peer (the origin) applied to the local database.",
+                &["peer"],
+            )?,
+            apply_errors: counter(
+                "pgmm_apply_errors_total",
+                "Transactions from a peer that failed to apply (the link is dropped and the \
+                 transaction retried); the log says why.",
+                &["peer"],
+            )?,
+            replication_errors: counter(
+                "pgmm_replication_errors_total",
+                "Failures of the outbound stream to a peer (slot, link), by stage; the log says why.",
+                &["peer", "stage"],
+            )?,
+            conflicts: counter(
+                "pgmm_conflicts_total",
+                "Conflicts detected while applying peers' changes, as recorded in pgmm.conflicts.",
+                &["table", "kind", "resolution"],
+            )?,
+            lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "pgmm_replication_lag_seconds",
+                    "Age of the oldest change shipped to a peer and not yet acknowledged as \
+                     applied (0 when the peer is caught up); while the link is down, seconds \
+                     since it went down.",
+                ),
+                &["peer"],
+            )?,
+            lag_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "pgmm_replication_lag_bytes",
+                    "Local WAL written since the position the peer has confirmed as applied.",
+                ),
+                &["peer"],
+            )?,
+            peer_up: IntGaugeVec::new(
+                Opts::new(
+                    "pgmm_peer_up",
+                    "1 while the link shipping this node's changes to the peer is established.",
+                ),
+                &["peer"],
+            )?,
+            slot_retained_wal_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "pgmm_slot_retained_wal_bytes",
+                    "WAL kept on disk for the peer's replication slot (pgmm_<peer>).",
+                ),
+                &["peer"],
+            )?,
+            enrolled_tables: IntGauge::new(
+                "pgmm_enrolled_tables",
+                "Tables in publication pgmm, i.e. replicated from this node.",
+            )?,
+            enrolment_errors: IntCounter::new(
+                "pgmm_enrolment_errors_total",
+                "Enrolment checks that found a matching table which cannot replicate (no \
+                 primary key or conflict column), or failed; the log names the table.",
+            )?,
+        };
+        registry.register(Box::new(m.changes_captured.clone()))?;
+        registry.register(Box::new(m.changes_shipped.clone()))?;
+        registry.register(Box::new(m.changes_applied.clone()))?;
+        registry.register(Box::new(m.transactions_applied.clone()))?;
+        registry.register(Box::new(m.apply_errors.clone()))?;
+        registry.register(Box::new(m.replication_errors.clone()))?;
+        registry.register(Box::new(m.conflicts.clone()))?;
+        registry.register(Box::new(m.lag_seconds.clone()))?;
+        registry.register(Box::new(m.lag_bytes.clone()))?;
+        registry.register(Box::new(m.peer_up.clone()))?;
+        registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
+        registry.register(Box::new(m.enrolled_tables.clone()))?;
+        registry.register(Box::new(m.enrolment_errors.clone()))?;
+        for peer in peers {
+            let l = [peer.as_str()];
+            m.changes_shipped.with_label_values(&l);
+            m.changes_applied.with_label_values(&l);
+            m.transactions_applied.with_label_values(&l);
+            m.apply_errors.with_label_values(&l);
+            m.lag_seconds.with_label_values(&l);
+            m.lag_bytes.with_label_values(&l);
+            m.peer_up.with_label_values(&l);
+            m.slot_retained_wal_bytes.with_label_values(&l);
+        }
+        Ok(m)
     }
 }
 

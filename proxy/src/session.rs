@@ -16,7 +16,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::classify;
+use crate::classify::{self, QueryKind};
 use crate::frontdoor::FrontDoor;
 use crate::refusal::{self, Pending, ResponseFilter};
 use crate::wire::{self, Header, StartupRequest, WireError};
@@ -344,6 +344,13 @@ where
     }
 }
 
+fn count(door: &FrontDoor, kind: QueryKind) {
+    door.metrics.query(kind).inc();
+    if kind == QueryKind::Ddl {
+        door.ddl_seen.notify_one();
+    }
+}
+
 /// Classifies a Query or Parse and returns the refusal message if this node may not run it.
 fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
     let sql = if kind == b'Q' {
@@ -357,12 +364,12 @@ fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
     let may_write_foreign = door.ownership.may_write_foreign(sql);
     if !may_write_foreign {
         if let Some(kind) = classify::quick_kind(sql) {
-            door.metrics.query(kind).inc();
+            count(door, kind);
             return None;
         }
     }
     let class = door.classifier.classify(sql);
-    door.metrics.query(class.kind).inc();
+    count(door, class.kind);
     if class.written.is_empty() || !may_write_foreign {
         return None;
     }

@@ -21,6 +21,8 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default LWW column, the design's `updated_at`.
 pub const DEFAULT_CONFLICT_COLUMN: &str = "updated_at";
+/// Default seconds between checks for newly created tables to enrol.
+pub const DEFAULT_ENROL_INTERVAL_SECONDS: u64 = 10;
 /// Port libpq and tokio-postgres assume when the URL names none.
 const DEFAULT_POSTGRES_PORT: u16 = 5432;
 
@@ -117,6 +119,8 @@ pub struct ReplicationConfig {
     /// [`ReplicationConfig::matches`], which folds case the way [`TableName::parse`] does.
     pub tables: Vec<String>,
     pub conflict_column: String,
+    /// Seconds between enrolment checks; DDL seen at the front door triggers one sooner.
+    pub enrol_interval_seconds: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -124,6 +128,7 @@ impl Default for ReplicationConfig {
         Self {
             tables: Vec::new(),
             conflict_column: DEFAULT_CONFLICT_COLUMN.to_owned(),
+            enrol_interval_seconds: DEFAULT_ENROL_INTERVAL_SECONDS,
         }
     }
 }

@@ -11,7 +11,8 @@ use toml::Spanned;
 use super::{
     postgres_host_port, ClientConfig, ClusterConfig, Config, ConfigError, MetricsConfig,
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
-    ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS, DEFAULT_POOL_SIZE,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS,
 };
 use crate::table::TableName;
 
@@ -96,6 +97,7 @@ struct RawReplication {
     #[serde(default)]
     tables: Vec<Spanned<String>>,
     conflict_column: Option<Spanned<String>>,
+    enrol_interval_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -399,9 +401,22 @@ fn check_replication(
         Some(column) => non_empty(src, "replication.conflict_column", &column)?,
         None => DEFAULT_CONFLICT_COLUMN.to_owned(),
     };
+    let enrol_interval_seconds = match raw.enrol_interval_seconds {
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(src.invalid(
+                &v.span(),
+                "replication.enrol_interval_seconds",
+                "must be at least 1 (seconds between checks for new tables to replicate)"
+                    .to_owned(),
+            ))
+        }
+        Some(v) => v.into_inner(),
+        None => DEFAULT_ENROL_INTERVAL_SECONDS,
+    };
     Ok(ReplicationConfig {
         tables,
         conflict_column,
+        enrol_interval_seconds,
     })
 }
 

@@ -21,6 +21,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use crate::changeset::ChangeSet;
+
 /// Major version of the envelope format. Bumped only for changes an older reader cannot skip;
 /// additive changes (new fields, new message kinds) keep it.
 pub const WIRE_VERSION: u16 = 1;
@@ -77,14 +79,16 @@ pub enum Body {
     Heartbeat { sent_at_micros: i64 },
     /// Receiver → sender: every transaction up to this LSN is durably applied.
     Ack { applied_lsn: u64 },
-    /// One whole committed transaction of `origin`; `changes` is defined by the replication work.
+    /// One whole committed transaction of `origin` (the sending node), in commit order.
     Transaction {
         origin: String,
         commit_lsn: u64,
+        /// End of the commit record on the origin: what the receiver's replication origin
+        /// records, and what it acks.
         end_lsn: u64,
+        /// Microseconds since 2000-01-01 UTC.
         commit_time: i64,
-        #[serde(with = "serde_bytes")]
-        changes: Vec<u8>,
+        changes: ChangeSet,
     },
 }
 

@@ -84,7 +84,26 @@ fn transaction(size: usize) -> Body {
         commit_lsn: 0x1_0000_0010,
         end_lsn: 0x1_0000_0100,
         commit_time: 1_700_000_000_000_000,
-        changes: (0..size).map(|i| (i % 251) as u8).collect(),
+        changes: crate::changeset::ChangeSet {
+            tables: vec![crate::changeset::TableDesc {
+                schema: "public".into(),
+                name: "t".into(),
+                columns: vec!["id".into(), "payload".into()],
+                key: vec![0],
+            }],
+            changes: vec![crate::changeset::Change::Insert {
+                table: 0,
+                new: vec![
+                    crate::pgoutput::Datum::Text(bytes::Bytes::from_static(b"1")),
+                    crate::pgoutput::Datum::Text(
+                        (0..size)
+                            .map(|i| b'a' + (i % 26) as u8)
+                            .collect::<Vec<u8>>()
+                            .into(),
+                    ),
+                ],
+            }],
+        },
     }
 }
 

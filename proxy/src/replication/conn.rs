@@ -542,6 +542,15 @@ impl ReplicationStream {
         Ok(None)
     }
 
+    /// Whether a whole message is already buffered, so that [`next`](Self::next) will not wait.
+    /// Lets a caller batch its own output and flush when the server has paused.
+    pub fn has_buffered_message(&self) -> bool {
+        matches!(
+            Header::parse(&self.framed.rbuf),
+            Ok(Some(h)) if self.framed.rbuf.len() > h.len() as usize
+        )
+    }
+
     /// Sends one CopyData with `payload` (a standby status update built by the caller).
     pub async fn send_status(&mut self, payload: &[u8]) -> Result<(), ReplicationError> {
         frontend::CopyData::new(payload)?.write(&mut self.framed.wbuf);

@@ -1,0 +1,367 @@
+//! The receiving end of peer links: accept, authenticate, apply, acknowledge.
+//!
+//! Each origin node has one slot here holding its [`Applier`]. A new link from the same node
+//! (say, after the old TCP connection died without either side noticing) cancels the old
+//! link's loop and waits for it to let go of the applier; the old loop only stops between
+//! transactions, never in the middle of applying one. The handshake's resume position is the
+//! origin's progress as the database has it, so a sender always restarts from what is
+//! committed here, and anything it sends twice is skipped by the applier.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{origin_name, Applier, ApplyError};
+use crate::changeset::ChangeSet;
+use crate::config::{PostgresConfig, ReplicationConfig};
+use crate::metrics::ReplicationMetrics;
+use crate::migrate::pg_error_text;
+use crate::peer::{self, Body, FrameError, PeerIdentity, PeerMetrics, ResumeSource, ServerTls};
+use crate::pgoutput::{parse_lsn, pg_epoch_micros, Lsn};
+
+/// How often each end of a link says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A link that carried nothing, not even a heartbeat, for this long is dead.
+pub const LINK_SILENCE: Duration = Duration::from_secs(30);
+/// Transactions waiting between the link reader and apply: enough to batch commits, few enough
+/// that a slow database pushes back on the sender through TCP.
+const QUEUE: usize = 256;
+/// At most this many asynchronous commits before a synchronous one (and an ack).
+const MAX_UNSYNCED: usize = 256;
+/// How long a new link waits for the origin's previous apply session to end.
+const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
+
+/// One remote transaction, as read from the link.
+struct Inbound {
+    end_lsn: Lsn,
+    commit_time: i64,
+    changes: ChangeSet,
+}
+
+/// Reads `pg_replication_origin_progress` for the handshake, over one lazily (re)opened
+/// session.
+#[derive(Clone)]
+pub struct OriginProgress {
+    pg: PostgresConfig,
+    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+}
+
+impl OriginProgress {
+    pub fn new(pg: PostgresConfig) -> Self {
+        OriginProgress {
+            pg,
+            client: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The end LSN (on `node`) of the last transaction from `node` committed here; 0 if none.
+    pub async fn get(&self, node: &str) -> Result<Lsn, tokio_postgres::Error> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = tokio_postgres::connect(&self.pg.url, NoTls).await?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            *guard = Some(client);
+        }
+        let client = guard.as_ref().expect("just connected");
+        let row = client
+            .query_one(
+                "SELECT pg_replication_origin_progress($1, false)::text",
+                &[&origin_name(node)],
+            )
+            .await?;
+        let text: Option<String> = row.get(0);
+        Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
+    }
+}
+
+impl ResumeSource for OriginProgress {
+    fn resume_from(
+        &self,
+        origin: &str,
+    ) -> impl std::future::Future<Output = Result<u64, Box<dyn std::error::Error + Send + Sync>>> + Send
+    {
+        let origin = origin.to_owned();
+        let this = self.clone();
+        async move {
+            this.get(&origin)
+                .await
+                .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(pg_error_text(&e)))
+        }
+    }
+}
+
+/// The applier of one origin node, and the token of the link currently using it.
+struct OriginSlot {
+    applier: tokio::sync::Mutex<Option<Applier>>,
+    current: Mutex<CancellationToken>,
+}
+
+/// Everything the accepting side needs; shared by all links.
+pub struct Receiver {
+    pub identity: PeerIdentity,
+    pub nodes: Vec<String>,
+    pub tls: Option<ServerTls>,
+    pub postgres: PostgresConfig,
+    pub replication: ReplicationConfig,
+    pub peer_metrics: PeerMetrics,
+    pub metrics: ReplicationMetrics,
+    pub progress: OriginProgress,
+    origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
+}
+
+impl Receiver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        identity: PeerIdentity,
+        nodes: Vec<String>,
+        tls: Option<ServerTls>,
+        postgres: PostgresConfig,
+        replication: ReplicationConfig,
+        peer_metrics: PeerMetrics,
+        metrics: ReplicationMetrics,
+    ) -> Receiver {
+        Receiver {
+            identity,
+            nodes,
+            tls,
+            progress: OriginProgress::new(postgres.clone()),
+            postgres,
+            replication,
+            peer_metrics,
+            metrics,
+            origins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Accepts peer links until `shutdown`, then waits for their loops to stop (each stops
+    /// between transactions).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        tracing::info!(addr = ?listener.local_addr().ok(), "peer link listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let this = self.clone();
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move { this.link(stream, shutdown).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer link accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    fn slot(&self, node: &str) -> Arc<OriginSlot> {
+        self.origins
+            .lock()
+            .expect("origins lock")
+            .entry(node.to_owned())
+            .or_insert_with(|| {
+                Arc::new(OriginSlot {
+                    applier: tokio::sync::Mutex::new(None),
+                    current: Mutex::new(CancellationToken::new()),
+                })
+            })
+            .clone()
+    }
+
+    async fn link(self: Arc<Self>, stream: tokio::net::TcpStream, shutdown: CancellationToken) {
+        let handshake = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            h = peer::accept(
+                stream,
+                &self.identity,
+                &self.nodes,
+                self.tls.as_ref(),
+                &self.peer_metrics,
+                &self.progress,
+            ) => h,
+        };
+        // The handshake logged and counted its own failure.
+        let Ok((conn, node)) = handshake else { return };
+        let slot = self.slot(&node);
+        let token = shutdown.child_token();
+        {
+            let mut current = slot.current.lock().expect("origin slot lock");
+            current.cancel();
+            *current = token.clone();
+        }
+        let mut applier = tokio::select! {
+            _ = token.cancelled() => return,
+            guard = slot.applier.lock() => guard,
+        };
+        let (mut sender, mut receiver) = conn.into_split();
+        let (queue, mut inbound) = mpsc::channel::<Inbound>(QUEUE);
+        let reader_token = token.clone();
+        let reader_node = node.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = reader_token.cancelled() => break,
+                    n = tokio::time::timeout(LINK_SILENCE, receiver.recv()) => n,
+                };
+                match next {
+                    Err(_) => {
+                        tracing::warn!(peer = %reader_node, "peer link silent for {LINK_SILENCE:?}: dropping it");
+                        break;
+                    }
+                    Ok(Ok(Some(Body::Transaction {
+                        origin,
+                        end_lsn,
+                        commit_time,
+                        changes,
+                        ..
+                    }))) => {
+                        if origin != reader_node {
+                            tracing::warn!(peer = %reader_node, %origin, "peer sent another node's transaction: dropping the link");
+                            break;
+                        }
+                        let item = Inbound {
+                            end_lsn,
+                            commit_time,
+                            changes,
+                        };
+                        if queue.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Ok(Some(Body::Heartbeat { .. }))) => {}
+                    Ok(Ok(Some(other))) => {
+                        tracing::warn!(peer = %reader_node, message = other.name(), "unexpected message on the peer link: dropping it");
+                        break;
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(FrameError::UnknownMessage { name, .. })) => {
+                        tracing::debug!(peer = %reader_node, %name, "ignoring a message kind this node does not know");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %reader_node, error = %e, "peer link read failed");
+                        break;
+                    }
+                }
+            }
+        });
+
+        let applied_changes = self.metrics.changes_applied.with_label_values(&[&node]);
+        let applied_txs = self
+            .metrics
+            .transactions_applied
+            .with_label_values(&[&node]);
+        let apply_errors = self.metrics.apply_errors.with_label_values(&[&node]);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unsynced = 0usize;
+        loop {
+            let item = tokio::select! {
+                _ = token.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    let now = pg_epoch_micros(SystemTime::now());
+                    if sender.send(&Body::Heartbeat { sent_at_micros: now }).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                item = inbound.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
+            if applier.as_ref().is_none_or(Applier::is_closed) {
+                match self.open_applier(&node, &token).await {
+                    Ok(a) => *applier = Some(a),
+                    Err(e) => {
+                        apply_errors.inc();
+                        tracing::error!(peer = %node, sqlstate = %e.sqlstate(), error = %e, "cannot apply: dropping the link (the peer will resend)");
+                        break;
+                    }
+                }
+            }
+            let a = applier.as_mut().expect("opened above");
+            let sync = inbound.is_empty() || unsynced + 1 >= MAX_UNSYNCED;
+            match a
+                .apply(item.end_lsn, item.commit_time, &item.changes, sync)
+                .await
+            {
+                Ok(outcome) => {
+                    if !outcome.duplicate {
+                        applied_changes.inc_by(outcome.changes as u64);
+                        applied_txs.inc();
+                    }
+                    if sync || (outcome.duplicate && unsynced == 0) {
+                        unsynced = 0;
+                        let ack = Body::Ack {
+                            applied_lsn: a.progress(),
+                        };
+                        if sender.send(&ack).await.is_err() {
+                            break;
+                        }
+                    } else if !outcome.duplicate {
+                        unsynced += 1;
+                    }
+                }
+                Err(e) => {
+                    apply_errors.inc();
+                    tracing::error!(
+                        peer = %node,
+                        sqlstate = %e.sqlstate(),
+                        error = %e,
+                        "a transaction from the peer failed to apply and was rolled back: \
+                         dropping the link; the peer resends it after reconnecting"
+                    );
+                    break;
+                }
+            }
+        }
+        token.cancel();
+        reader.abort();
+        let _ = sender.shutdown().await;
+        if applier.as_ref().is_some_and(Applier::is_closed) {
+            *applier = None;
+        }
+        tracing::info!(peer = %node, "inbound peer link closed");
+    }
+
+    /// Opens the origin's apply session, waiting a while for a previous one (of a link that
+    /// has just been replaced, or of a pgmm that was killed) to release the origin.
+    async fn open_applier(
+        &self,
+        node: &str,
+        token: &CancellationToken,
+    ) -> Result<Applier, ApplyError> {
+        let deadline = tokio::time::Instant::now() + ORIGIN_BUSY_WAIT;
+        loop {
+            match Applier::connect(
+                &self.postgres,
+                node,
+                self.replication.clone(),
+                self.metrics.clone(),
+            )
+            .await
+            {
+                Err(ApplyError::OriginBusy { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::select! {
+                        _ = token.cancelled() => return Err(ApplyError::OriginBusy { origin: origin_name(node) }),
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The replication side of a running node: what must exist before clients are let in, and the
+//! long-running tasks (one shipper per peer, the peer listener, enrolment, slot monitoring).
+//!
+//! Start-up order matters: the pgmm schema, the publication and every peer's slot exist
+//! before the front door accepts its first client, so every write made through pgmm is in
+//! some slot's future. Each step is idempotent, so a restart repeats them harmlessly.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{origin_name, Receiver};
+use crate::capture::Shipper;
+use crate::config::Config;
+use crate::enrol::{self, EnrolError};
+use crate::metrics::{MetricsError, ReplicationMetrics};
+use crate::migrate::{self, pg_error_text, MigrateError};
+use crate::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
+use crate::replication::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
+
+/// How often slot positions are read for the lag and retained-WAL gauges.
+const SLOT_MONITOR_INTERVAL: Duration = Duration::from_secs(2);
+/// After DDL at the front door, how long to wait before checking enrolment: the DDL's
+/// transaction usually commits within this.
+const DDL_SETTLE: Duration = Duration::from_millis(300);
+/// Retry delay while the local Postgres is unreachable at start-up.
+const STARTUP_RETRY: Duration = Duration::from_secs(1);
+
+/// Why the node could not start its replication side.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("enrolment: {0}")]
+    Enrol(#[from] EnrolError),
+    #[error("creating replication slot {slot}: {source}")]
+    Slot {
+        slot: String,
+        #[source]
+        source: ReplicationError,
+    },
+    #[error("replication connection settings from [postgres] url: {0}")]
+    ConnConfig(#[source] ReplicationError),
+    #[error("creating replication origins: {}", pg_error_text(.0))]
+    Origins(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("peer TLS: {0}")]
+    Tls(#[from] PeerTlsError),
+    #[error("peer link: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("stopped before the node was ready")]
+    Cancelled,
+}
+
+impl NodeError {
+    pub fn sqlstate(&self) -> String {
+        match self {
+            NodeError::Migrate(e) => e.sqlstate().into(),
+            NodeError::Enrol(e) => e.sqlstate().into(),
+            NodeError::Slot { source, .. } | NodeError::ConnConfig(source) => {
+                source.sqlstate().into()
+            }
+            NodeError::Origins(e) => e
+                .code()
+                .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
+            NodeError::Peer(e) => e.sqlstate().into(),
+            NodeError::Tls(e) => e.sqlstate().into(),
+            NodeError::Bind { .. } | NodeError::Metrics(_) => "58000".into(),
+            NodeError::Cancelled => "57P01".into(),
+        }
+    }
+}
+
+/// The replication tasks of a running node.
+pub struct ReplicationNode {
+    tasks: JoinSet<()>,
+}
+
+impl ReplicationNode {
+    /// Migrates, and for a node with `[peer]`: enrols, creates origins and slots, binds the
+    /// peer listener and spawns the tasks. Waits (logging) while the local Postgres is down.
+    pub async fn start(
+        config: &Config,
+        registry: &Registry,
+        ddl_seen: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<ReplicationNode, NodeError> {
+        let mut client = connect_when_up(config, &shutdown).await?;
+        let report = migrate::migrate(&mut client).await?;
+        if !report.applied.is_empty() {
+            tracing::info!(%report, "pgmm schema migrated");
+        }
+        let mut tasks = JoinSet::new();
+        let Some(peer_listen) = &config.peer else {
+            return Ok(ReplicationNode { tasks });
+        };
+        let peers: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
+        let metrics = ReplicationMetrics::register(registry, &peers)?;
+        let peer_metrics = PeerMetrics::register(registry)?;
+
+        let (tables, change) = enrol::enrol(&mut client, &config.replication).await?;
+        metrics.enrolled_tables.set(tables.len() as i64);
+        tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
+
+        let others: Vec<String> = config
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| **n != config.node.name)
+            .map(|n| origin_name(n))
+            .collect();
+        client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_create(o) FROM unnest($1::text[]) AS o \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = o)",
+                &[&others],
+            )
+            .await
+            .map_err(NodeError::Origins)?;
+
+        let pg: tokio_postgres::Config = config
+            .postgres
+            .url
+            .parse()
+            .expect("config validation parsed [postgres] url");
+        let mut conn = ConnConfig::from_tokio_postgres(&pg).map_err(NodeError::ConnConfig)?;
+        for peer in &config.peers {
+            let slot = origin_name(&peer.name);
+            conn.application_name = format!("pgmm slot setup ({slot})");
+            let mut repl =
+                ReplicationConn::connect(&conn)
+                    .await
+                    .map_err(|source| NodeError::Slot {
+                        slot: slot.clone(),
+                        source,
+                    })?;
+            match repl.create_logical_slot(&slot, "pgoutput").await {
+                Ok(at) => tracing::info!(
+                    %slot,
+                    consistent_point = %crate::pgoutput::format_lsn(at),
+                    "replication slot created: changes from here on are shipped to {}",
+                    peer.name
+                ),
+                Err(ReplicationError::SlotExists) => {}
+                Err(source) => return Err(NodeError::Slot { slot, source }),
+            }
+            let _ = repl.close().await;
+        }
+
+        let identity = PeerIdentity::from_config(config)?;
+        let tls = PeerTls::from_config(peer_listen)?;
+        let listener = TcpListener::bind(&peer_listen.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: peer_listen.listen.clone(),
+                source,
+            })?;
+        let receiver = Arc::new(Receiver::new(
+            identity.clone(),
+            config.cluster.nodes.clone(),
+            tls.as_ref().map(|t| t.server.clone()),
+            config.postgres.clone(),
+            config.replication.clone(),
+            peer_metrics.clone(),
+            metrics.clone(),
+        ));
+        tasks.spawn(receiver.serve(listener, shutdown.clone()));
+
+        let captured_upto = Arc::new(AtomicU64::new(0));
+        for peer in &config.peers {
+            let mut conn = conn.clone();
+            conn.application_name = format!("pgmm shipping to {}", peer.name);
+            let shipper = Arc::new(Shipper {
+                identity: identity.clone(),
+                tls: tls.as_ref().map(|t| t.client.clone()),
+                conn,
+                peer_metrics: peer_metrics.clone(),
+                metrics: metrics.clone(),
+                captured_upto: captured_upto.clone(),
+            });
+            tasks.spawn(shipper.run(peer.clone(), shutdown.clone()));
+        }
+
+        tasks.spawn(enrol_loop(
+            config.clone(),
+            client,
+            metrics.clone(),
+            ddl_seen,
+            shutdown.clone(),
+        ));
+        tasks.spawn(slot_monitor(
+            config.clone(),
+            peers,
+            metrics,
+            shutdown.clone(),
+        ));
+        Ok(ReplicationNode { tasks })
+    }
+
+    /// Waits for every task to stop (they stop on the shutdown token).
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Connects to the local Postgres, retrying while it is unreachable (it may be starting
+/// beside pgmm, as in a Kubernetes pod).
+async fn connect_when_up(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Client, NodeError> {
+    let mut logged = false;
+    loop {
+        match migrate::connect(&config.postgres).await {
+            Ok(client) => return Ok(client),
+            Err(e @ MigrateError::Connect { .. }) => {
+                if !logged {
+                    tracing::warn!(error = %e, "waiting for the local Postgres");
+                    logged = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(NodeError::Cancelled),
+            _ = tokio::time::sleep(STARTUP_RETRY) => {}
+        }
+    }
+}
+
+/// Re-enrols periodically and soon after DDL, so a table created while running replicates
+/// without a restart. A table that cannot replicate is reported and left out; the others go on.
+async fn enrol_loop(
+    config: Config,
+    mut client: Client,
+    metrics: ReplicationMetrics,
+    ddl_seen: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let interval = Duration::from_secs(config.replication.enrol_interval_seconds);
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = ddl_seen.notified() => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(DDL_SETTLE) => {}
+                }
+            }
+        }
+        if client.is_closed() {
+            match migrate::connect(&config.postgres).await {
+                Ok(c) => client = c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "enrolment check skipped");
+                    continue;
+                }
+            }
+        }
+        let checked = match enrol::checked_tables(&client, &config.replication).await {
+            Ok(checked) => checked,
+            Err(e) => {
+                metrics.enrolment_errors.inc();
+                tracing::warn!(error = %e, "enrolment check failed");
+                continue;
+            }
+        };
+        let mut tables = Vec::new();
+        let mut problems = Vec::new();
+        for verdict in checked {
+            match verdict {
+                Ok(t) => tables.push(t),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        // Each problem is logged once, not every period.
+        for problem in &problems {
+            if !reported.contains(problem) {
+                metrics.enrolment_errors.inc();
+                tracing::error!(error = %problem, "table not enrolled");
+            }
+        }
+        reported = problems;
+        match enrol::sync_publication(&mut client, &tables).await {
+            Ok(_) => metrics.enrolled_tables.set(tables.len() as i64),
+            Err(e) => {
+                metrics.enrolment_errors.inc();
+                tracing::warn!(error = %e, "updating publication pgmm failed");
+            }
+        }
+    }
+}
+
+/// Keeps `pgmm_slot_retained_wal_bytes` and `pgmm_replication_lag_bytes` current, and says so
+/// loudly when a peer's slot has gone missing (changes since then cannot reach that peer).
+async fn slot_monitor(
+    config: Config,
+    peers: Vec<String>,
+    metrics: ReplicationMetrics,
+    shutdown: CancellationToken,
+) {
+    let slots: Vec<String> = peers.iter().map(|p| origin_name(p)).collect();
+    let mut client: Option<Client> = None;
+    let mut missing_logged = Vec::<String>::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SLOT_MONITOR_INTERVAL) => {}
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = migrate::connect(&config.postgres).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let rows = match c
+            .query(
+                "SELECT slot_name::text, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = ANY ($1::text[])",
+                &[&slots],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %pg_error_text(&e), "slot monitor query failed");
+                continue;
+            }
+        };
+        for (peer, slot) in peers.iter().zip(&slots) {
+            let row = rows.iter().find(|r| r.get::<_, String>(0) == *slot);
+            match row {
+                Some(row) => {
+                    let retained: Option<i64> = row.get(1);
+                    let lag: Option<i64> = row.get(2);
+                    metrics
+                        .slot_retained_wal_bytes
+                        .with_label_values(&[peer])
+                        .set(retained.unwrap_or(0).max(0));
+                    metrics
+                        .lag_bytes
+                        .with_label_values(&[peer])
+                        .set(lag.unwrap_or(0).max(0));
+                    missing_logged.retain(|s| s != slot);
+                }
+                None if !missing_logged.contains(slot) => {
+                    tracing::error!(
+                        %slot,
+                        %peer,
+                        "replication slot is missing (dropped by hand?): changes made since \
+                         cannot be shipped to {peer}; a restart recreates the slot from the \
+                         current position, so re-synchronise {peer}'s tables first"
+                    );
+                    missing_logged.push(slot.clone());
+                }
+                None => {}
+            }
+        }
+    }
+}
