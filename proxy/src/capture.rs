@@ -109,7 +109,13 @@ struct Heard {
 
 impl Shipper {
     /// Ships to `peer` until `shutdown`, reconnecting with capped exponential backoff.
-    pub async fn run(self: Arc<Self>, peer: PeerEntry, shutdown: CancellationToken) {
+    /// `wake` cuts a backoff wait short (the peer just linked in to us, so it is up).
+    pub async fn run(
+        self: Arc<Self>,
+        peer: PeerEntry,
+        wake: Arc<tokio::sync::Notify>,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = Backoff::new(BACKOFF_BASE, RECONNECT_CAP);
         let labels = [peer.name.as_str()];
         let up = self.metrics.peer_up.with_label_values(&labels);
@@ -142,6 +148,7 @@ impl Shipper {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
+                _ = wake.notified() => {}
             }
         }
         up.set(0);

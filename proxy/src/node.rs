@@ -5,6 +5,7 @@
 //! before the front door accepts its first client, so every write made through pgmm is in
 //! some slot's future. Each step is idempotent, so a restart repeats them harmlessly.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,6 +171,11 @@ impl ReplicationNode {
                 addr: peer_listen.listen.clone(),
                 source,
             })?;
+        let wake: HashMap<String, Arc<Notify>> = config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(Notify::new())))
+            .collect();
         let receiver = Arc::new(Receiver::new(
             identity.clone(),
             config.cluster.nodes.clone(),
@@ -178,6 +184,7 @@ impl ReplicationNode {
             config.replication.clone(),
             peer_metrics.clone(),
             metrics.clone(),
+            wake.clone(),
         ));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 
@@ -193,7 +200,7 @@ impl ReplicationNode {
                 metrics: metrics.clone(),
                 captured_upto: captured_upto.clone(),
             });
-            tasks.spawn(shipper.run(peer.clone(), shutdown.clone()));
+            tasks.spawn(shipper.run(peer.clone(), wake[&peer.name].clone(), shutdown.clone()));
         }
 
         tasks.spawn(enrol_loop(

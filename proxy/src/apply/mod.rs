@@ -9,17 +9,22 @@
 //! at or below it. That is the exactly-once argument; acks only tell the sender when it may
 //! let its slot forget.
 //!
-//! Throughput: the statements of one transaction are sent as one pipeline (BEGIN, the origin
-//! setup and every change, then COMMIT), and commits are asynchronous except the last of a
-//! batch, whose synchronous commit makes every earlier one durable too (a WAL flush covers all
-//! that precedes it). The receiver acks only after such a synchronous commit.
+//! Throughput: a batch of remote transactions is sent as one pipeline (for each: BEGIN, the
+//! origin setup, every change, COMMIT) and the results are read once, at the end. Two things
+//! make that safe. Each change records its own conflict, in the same statement (see
+//! [`sql::Conflict`]), so nothing needs a row count before COMMIT. And each transaction's
+//! origin setup first checks that the origin's progress is exactly the previous transaction's
+//! end: if one transaction of the batch fails, every later one fails too instead of committing
+//! past the gap. Commits are asynchronous except the last of a batch, whose synchronous commit
+//! makes every earlier one durable too (a WAL flush covers all that precedes it); the receiver
+//! acks only after such a commit.
 
 mod receiver;
 pub mod sql;
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use thiserror::Error;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
@@ -93,17 +98,18 @@ impl ApplyError {
 }
 
 /// A value in Postgres's text format, whatever the parameter's type: the server parses it, as
-/// it would a literal. NULL is `None`.
-#[derive(Debug, Clone, Copy)]
-struct PgText<'a>(Option<&'a [u8]>);
+/// it would a literal. NULL is `None`. Owns its bytes (a cheap reference to the received frame),
+/// so a pipeline of many transactions can be in flight without borrowing them.
+#[derive(Debug, Clone)]
+struct PgText(Option<Bytes>);
 
-impl ToSql for PgText<'_> {
+impl ToSql for PgText {
     fn to_sql(
         &self,
         _ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self.0 {
+        match &self.0 {
             Some(bytes) => {
                 out.extend_from_slice(bytes);
                 Ok(IsNull::No)
@@ -123,10 +129,10 @@ impl ToSql for PgText<'_> {
     to_sql_checked!();
 }
 
-fn text(d: &Datum) -> Result<PgText<'_>, ApplyError> {
+fn text(d: &Datum) -> Result<PgText, ApplyError> {
     match d {
         Datum::Null => Ok(PgText(None)),
-        Datum::Text(b) => Ok(PgText(Some(b))),
+        Datum::Text(b) => Ok(PgText(Some(b.clone()))),
         Datum::UnchangedToast => Err(ApplyError::Malformed(
             "an unchanged TOAST value where a value is required".into(),
         )),
@@ -136,31 +142,51 @@ fn text(d: &Datum) -> Result<PgText<'_>, ApplyError> {
     }
 }
 
-/// What one change did, for conflict detection: INSERT, UPDATE and DELETE touch one row or none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Insert,
-    Update,
-    Delete,
-    Truncate,
+fn literal(s: String) -> PgText {
+    PgText(Some(Bytes::from(s)))
 }
 
-/// One planned statement: which prepared text, with which values.
-struct Planned<'a> {
-    change: usize,
-    op: Op,
-    statement: Statement,
-    params: Vec<PgText<'a>>,
+/// One remote transaction to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteTx {
+    pub end_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+    pub changes: ChangeSet,
 }
 
-/// The outcome of [`Applier::apply`].
+/// What a statement of the pipeline is, for reporting its result.
+#[derive(Debug, Clone)]
+enum Step {
+    Begin,
+    Setup,
+    /// A change: its table and the conflict kind its row count counts.
+    Change {
+        table: usize,
+        what: &'static str,
+        conflict: Option<(&'static str, &'static str)>,
+    },
+    SyncCommit,
+    Commit,
+}
+
+/// The outcome of [`Applier::apply_batch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Applied {
-    /// Row changes applied (conflicting ones included, as they were resolved).
+    /// Remote transactions committed here by this call (duplicates not included).
+    pub transactions: usize,
+    /// Row changes they carried.
     pub changes: usize,
     pub conflicts: usize,
-    /// The transaction was at or below the origin's progress: already applied, skipped.
-    pub duplicate: bool,
+    /// Transactions skipped as already applied.
+    pub duplicates: usize,
+}
+
+/// A batch that stopped at a failing transaction; the ones before it are committed.
+#[derive(Debug)]
+pub struct BatchError {
+    pub applied: Applied,
+    pub error: ApplyError,
 }
 
 /// One origin's apply session.
@@ -174,7 +200,6 @@ pub struct Applier {
     setup: Statement,
     sync_commit: Statement,
     commit: Statement,
-    record_conflict: Statement,
     progress: Lsn,
 }
 
@@ -218,15 +243,6 @@ impl Applier {
                 source: e,
             });
         }
-        let progress: Option<String> = client
-            .query_one(
-                "SELECT pg_replication_origin_session_progress(false)::text",
-                &[],
-            )
-            .await
-            .map_err(ApplyError::db("reading the origin's progress"))?
-            .get(0);
-        let progress = progress.as_deref().and_then(parse_lsn).unwrap_or(0);
         let prepare = |sql: &'static str| {
             let client = &client;
             async move {
@@ -237,21 +253,18 @@ impl Applier {
             }
         };
         let begin = prepare("BEGIN").await?;
+        // The division fails (22012) unless the origin is exactly where the previous
+        // transaction of the pipeline left it: see the module docs.
         let setup = prepare(
             "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, \
-             timestamptz '2000-01-01 00:00:00+00' + $2::text::bigint * interval '1 microsecond')",
+             timestamptz '2000-01-01 00:00:00+00' + $2::text::bigint * interval '1 microsecond') \
+             WHERE 1 / (CASE WHEN coalesce(pg_replication_origin_session_progress(false), '0/0') \
+                                  = $3::text::pg_lsn THEN 1 ELSE 0 END) = 1",
         )
         .await?;
         let sync_commit = prepare("SET LOCAL synchronous_commit = on").await?;
         let commit = prepare("COMMIT").await?;
-        let record_conflict = prepare(
-            "INSERT INTO pgmm.conflicts \
-             (table_name, kind, origin, local_tuple, remote_tuple, resolution) \
-             VALUES ($1, $2, $3, $4::text::jsonb, jsonb_object($5::text[], $6::text[]), $7)",
-        )
-        .await?;
-        tracing::info!(origin = %origin_node, progress = %format_lsn(progress), "apply session ready");
-        Ok(Applier {
+        let mut applier = Applier {
             origin_node: origin_node.to_owned(),
             client,
             replication,
@@ -261,9 +274,24 @@ impl Applier {
             setup,
             sync_commit,
             commit,
-            record_conflict,
-            progress,
-        })
+            progress: 0,
+        };
+        applier.progress = applier.read_progress().await?;
+        tracing::info!(origin = %origin_node, progress = %format_lsn(applier.progress), "apply session ready");
+        Ok(applier)
+    }
+
+    async fn read_progress(&self) -> Result<Lsn, ApplyError> {
+        let progress: Option<String> = self
+            .client
+            .query_one(
+                "SELECT pg_replication_origin_session_progress(false)::text",
+                &[],
+            )
+            .await
+            .map_err(ApplyError::db("reading the origin's progress"))?
+            .get(0);
+        Ok(progress.as_deref().and_then(parse_lsn).unwrap_or(0))
     }
 
     /// The end LSN (on the origin) of the last remote transaction committed here.
@@ -276,109 +304,147 @@ impl Applier {
         self.client.is_closed()
     }
 
-    /// Applies one remote transaction as one local transaction. With `sync`, its commit waits
-    /// for the WAL flush, which makes it and every earlier one durable: only then may they be
-    /// acknowledged.
-    pub async fn apply(
+    /// Applies remote transactions in order, each as one local transaction, as one pipeline.
+    /// With `sync`, the last commit waits for the WAL flush, which makes the whole batch
+    /// durable: only then may it be acknowledged. On error, the transactions before the failing
+    /// one are committed (asynchronously) and reported in [`BatchError::applied`].
+    pub async fn apply_batch(
         &mut self,
-        end_lsn: Lsn,
-        commit_time: i64,
-        set: &ChangeSet,
+        batch: &[RemoteTx],
         sync: bool,
-    ) -> Result<Applied, ApplyError> {
-        if end_lsn <= self.progress {
-            return Ok(Applied {
-                duplicate: true,
-                ..Applied::default()
-            });
+    ) -> Result<Applied, BatchError> {
+        let mut applied = Applied::default();
+        let fresh: Vec<&RemoteTx> = batch
+            .iter()
+            .filter(|tx| tx.end_lsn > self.progress)
+            .collect();
+        applied.duplicates = batch.len() - fresh.len();
+        if fresh.is_empty() {
+            return Ok(applied);
         }
-        let result = self.apply_inner(end_lsn, commit_time, set, sync).await;
-        match result {
-            Ok(applied) => {
-                self.progress = end_lsn;
-                Ok(applied)
-            }
-            Err(e) => {
-                // The transaction may be open and aborted; the statements may no longer fit a
-                // table whose definition changed. Start both over.
+        match self.pipeline(&fresh, sync, &mut applied).await {
+            Ok(()) => Ok(applied),
+            Err(error) => {
+                // A transaction may be open and aborted, and the statements may no longer fit a
+                // table whose definition changed: start both over, and take the progress from
+                // the database, which knows exactly what committed.
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 self.statements.clear();
-                Err(e)
+                if let Ok(p) = self.read_progress().await {
+                    self.progress = p;
+                }
+                Err(BatchError { applied, error })
             }
         }
     }
 
-    async fn apply_inner(
+    async fn pipeline(
         &mut self,
-        end_lsn: Lsn,
-        commit_time: i64,
-        set: &ChangeSet,
+        txs: &[&RemoteTx],
         sync: bool,
-    ) -> Result<Applied, ApplyError> {
-        let tables = self.check_tables(set)?;
-        let planned = self.plan(set, &tables).await?;
-        let lsn_text = format_lsn(end_lsn);
-        let time_text = commit_time.to_string();
-        let head = [
-            (&self.begin, Vec::new()),
-            (
-                &self.setup,
+        applied: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        // Plan everything first (preparing new statements), then send it all at once.
+        let mut steps: Vec<(Statement, Vec<PgText>, Step)> = Vec::new();
+        let mut table_names: Vec<Vec<TableName>> = Vec::with_capacity(txs.len());
+        let mut prev = self.progress;
+        for (i, tx) in txs.iter().enumerate() {
+            let tables = self.check_tables(&tx.changes)?;
+            steps.push((self.begin.clone(), Vec::new(), Step::Begin));
+            steps.push((
+                self.setup.clone(),
                 vec![
-                    PgText(Some(lsn_text.as_bytes())),
-                    PgText(Some(time_text.as_bytes())),
+                    literal(format_lsn(tx.end_lsn)),
+                    literal(tx.commit_time.to_string()),
+                    literal(format_lsn(prev)),
                 ],
-            ),
-        ];
-        let futures = head
-            .into_iter()
-            .chain(planned.iter().map(|p| (&p.statement, p.params.clone())))
-            .map(|(statement, params)| self.client.execute_raw(statement, params));
-        let results = join_all(futures).await;
-        let mut rows = Vec::with_capacity(planned.len());
-        for (i, result) in results.into_iter().enumerate() {
-            match result {
-                Ok(n) => rows.push(n),
-                Err(source) if i < 2 => {
-                    return Err(ApplyError::Database {
-                        what: "starting the transaction under the replication origin",
-                        source,
-                    })
+                Step::Setup,
+            ));
+            for change in &tx.changes.changes {
+                let (text, params, step) = plan(&tx.changes, &tables, change, &self.origin_node)?;
+                let table = first_table(change);
+                let statement = self.prepared(&text, &tables[table].0, &step).await?;
+                steps.push((statement, params, step));
+            }
+            if sync && i + 1 == txs.len() {
+                steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
+            }
+            steps.push((self.commit.clone(), Vec::new(), Step::Commit));
+            table_names.push(tables.into_iter().map(|(n, _)| n).collect());
+            prev = tx.end_lsn;
+        }
+        let results = join_all(
+            steps
+                .iter()
+                .map(|(statement, params, _)| self.client.execute_raw(statement, params.clone())),
+        )
+        .await;
+
+        let mut tx_index = 0;
+        let mut conflicts: Vec<(String, &'static str, &'static str)> = Vec::new();
+        let mut failure: Option<ApplyError> = None;
+        for ((_, _, step), result) in steps.iter().zip(results) {
+            match (step, result) {
+                (
+                    Step::Change {
+                        table, conflict, ..
+                    },
+                    Ok(n),
+                ) => {
+                    if let (Some((kind, resolution)), true) = (conflict, n > 0) {
+                        conflicts.push((
+                            table_names[tx_index][*table].to_string(),
+                            kind,
+                            resolution,
+                        ));
+                    }
                 }
-                Err(source) => {
-                    let p = &planned[i - 2];
-                    return Err(ApplyError::Statement {
-                        table: tables[first_table(&set.changes[p.change])].0.clone(),
-                        what: op_name(p.op),
-                        source,
-                    });
+                (Step::Commit, Ok(_)) => {
+                    if failure.is_none() {
+                        let tx = txs[tx_index];
+                        self.progress = tx.end_lsn;
+                        applied.transactions += 1;
+                        applied.changes += tx.changes.changes.len();
+                        applied.conflicts += conflicts.len();
+                        for (table, kind, resolution) in conflicts.drain(..) {
+                            self.metrics
+                                .conflicts
+                                .with_label_values(&[&table, kind, resolution])
+                                .inc();
+                            tracing::info!(origin = %self.origin_node, %table, kind, resolution, "conflict recorded in pgmm.conflicts");
+                        }
+                    }
+                    tx_index += 1;
+                }
+                (_, Ok(_)) => {}
+                (step, Err(source)) => {
+                    if failure.is_none() {
+                        failure = Some(match step {
+                            Step::Change { table, what, .. } => ApplyError::Statement {
+                                table: table_names[tx_index][*table].clone(),
+                                what,
+                                source,
+                            },
+                            Step::Begin | Step::Setup => ApplyError::Database {
+                                what: "starting the transaction under the replication origin",
+                                source,
+                            },
+                            Step::SyncCommit | Step::Commit => ApplyError::Database {
+                                what: "committing",
+                                source,
+                            },
+                        });
+                    }
+                    if matches!(step, Step::Commit) {
+                        tx_index += 1;
+                    }
                 }
             }
         }
-        let mut conflicts = 0;
-        for (p, n) in planned.iter().zip(&rows[2..]) {
-            if *n == 0 && p.op != Op::Truncate {
-                self.record_conflict(set, &tables, p).await?;
-                conflicts += 1;
-            }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        if sync {
-            let (a, b) = tokio::join!(
-                self.client
-                    .execute_raw(&self.sync_commit, Vec::<PgText>::new()),
-                self.client.execute_raw(&self.commit, Vec::<PgText>::new())
-            );
-            a.and(b).map_err(ApplyError::db("committing"))?;
-        } else {
-            self.client
-                .execute_raw(&self.commit, Vec::<PgText>::new())
-                .await
-                .map_err(ApplyError::db("committing"))?;
-        }
-        Ok(Applied {
-            changes: set.changes.len(),
-            conflicts,
-            duplicate: false,
-        })
     }
 
     /// Each table's name and quoted name, after checking it replicates here.
@@ -390,228 +456,177 @@ impl Applier {
                 if !self.replication.matches(&name) {
                     return Err(ApplyError::NotReplicated { table: name });
                 }
+                if t.key.is_empty() || t.key.iter().any(|&k| k >= t.columns.len()) {
+                    return Err(ApplyError::Malformed(format!(
+                        "{name} arrived without a valid key"
+                    )));
+                }
                 Ok((name, sql::qualified(&t.schema, &t.name)))
             })
             .collect()
-    }
-
-    /// The statement and values of every change, preparing statements not seen before.
-    async fn plan<'s>(
-        &mut self,
-        set: &'s ChangeSet,
-        tables: &[(TableName, String)],
-    ) -> Result<Vec<Planned<'s>>, ApplyError> {
-        let mut planned = Vec::with_capacity(set.changes.len());
-        for (i, change) in set.changes.iter().enumerate() {
-            let (op, text, params) = match change {
-                Change::Insert { table, new } => {
-                    let (desc, quoted) = table_at(set, tables, *table)?;
-                    let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
-                    check_width(desc, new.len())?;
-                    let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-                    (Op::Insert, sql::insert(quoted, &columns), params)
-                }
-                Change::Update {
-                    table,
-                    old_key,
-                    new,
-                } => {
-                    let (desc, quoted) = table_at(set, tables, *table)?;
-                    check_width(desc, new.len())?;
-                    // Unchanged TOAST values are left out of SET, which keeps the local value.
-                    let mut set_columns = Vec::with_capacity(new.len());
-                    let mut params = Vec::with_capacity(new.len() + desc.key.len());
-                    for (column, datum) in desc.columns.iter().zip(new) {
-                        if *datum != Datum::UnchangedToast {
-                            set_columns.push(column.as_str());
-                            params.push(text(datum)?);
-                        }
-                    }
-                    let key = key_columns(desc);
-                    match old_key {
-                        Some(old) => {
-                            for d in old {
-                                params.push(text(d)?);
-                            }
-                        }
-                        None => {
-                            for &k in &desc.key {
-                                params.push(text(&new[k])?);
-                            }
-                        }
-                    }
-                    if set_columns.is_empty() || params.len() != set_columns.len() + key.len() {
-                        return Err(ApplyError::Malformed(format!(
-                            "an UPDATE of {} without values or key",
-                            tables[*table as usize].0
-                        )));
-                    }
-                    (Op::Update, sql::update(quoted, &set_columns, &key), params)
-                }
-                Change::Delete { table, key } => {
-                    let (desc, quoted) = table_at(set, tables, *table)?;
-                    let columns = key_columns(desc);
-                    if key.len() != columns.len() || columns.is_empty() {
-                        return Err(ApplyError::Malformed(format!(
-                            "a DELETE of {} with {} key values for {} key columns",
-                            tables[*table as usize].0,
-                            key.len(),
-                            columns.len()
-                        )));
-                    }
-                    let params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-                    (Op::Delete, sql::delete(quoted, &columns), params)
-                }
-                Change::Truncate {
-                    tables: which,
-                    cascade,
-                    restart_identity,
-                } => {
-                    if which.is_empty() {
-                        return Err(ApplyError::Malformed("a TRUNCATE of no table".into()));
-                    }
-                    let names = which
-                        .iter()
-                        .map(|t| table_at(set, tables, *t).map(|(_, q)| q.to_owned()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    (
-                        Op::Truncate,
-                        sql::truncate(&names, *cascade, *restart_identity),
-                        Vec::new(),
-                    )
-                }
-            };
-            let statement = self
-                .prepared(&text, &tables[first_table(change)].0, op)
-                .await?;
-            planned.push(Planned {
-                change: i,
-                op,
-                statement,
-                params,
-            });
-        }
-        Ok(planned)
     }
 
     async fn prepared(
         &mut self,
         text: &str,
         table: &TableName,
-        op: Op,
+        step: &Step,
     ) -> Result<Statement, ApplyError> {
         if let Some(s) = self.statements.get(text) {
             return Ok(s.clone());
         }
+        let what = match step {
+            Step::Change { what, .. } => what,
+            _ => "statement",
+        };
         let statement =
             self.client
                 .prepare(text)
                 .await
                 .map_err(|source| ApplyError::Statement {
                     table: table.clone(),
-                    what: op_name(op),
+                    what,
                     source,
                 })?;
         self.statements.insert(text.to_owned(), statement.clone());
         Ok(statement)
     }
+}
 
-    /// Records a change that found no row to update or delete, or an insert whose key exists,
-    /// in the same transaction as the data, so the log and the data never disagree.
-    async fn record_conflict(
-        &mut self,
-        set: &ChangeSet,
-        tables: &[(TableName, String)],
-        p: &Planned<'_>,
-    ) -> Result<(), ApplyError> {
-        let change = &set.changes[p.change];
-        let (table, quoted) = &tables[first_table(change)];
-        let desc = &set.tables[first_table(change)];
-        let (kind, resolution, remote): (&str, &str, Vec<(&str, &Datum)>) = match change {
-            Change::Insert { new, .. } => ("insert_exists", "keep_local", named(desc, new)),
-            Change::Update { new, .. } => ("update_missing", "skip", named(desc, new)),
-            Change::Delete { key, .. } => (
-                "delete_missing",
-                "skip",
-                desc.key
-                    .iter()
-                    .map(|&k| desc.columns[k].as_str())
-                    .zip(key)
-                    .collect(),
-            ),
-            Change::Truncate { .. } => return Ok(()),
-        };
-        let local: Option<String> = if p.op == Op::Insert {
-            let key = key_columns(desc);
-            let text = sql::local_row(quoted, &key);
-            let statement = self.prepared(&text, table, Op::Insert).await?;
-            let params: Vec<PgText> = match change {
-                Change::Insert { new, .. } => {
-                    desc.key.iter().map(|&k| text_or_null(&new[k])).collect()
-                }
-                _ => Vec::new(),
+/// The statement text, values and step of one change.
+fn plan(
+    set: &ChangeSet,
+    tables: &[(TableName, String)],
+    change: &Change,
+    origin: &str,
+) -> Result<(String, Vec<PgText>, Step), ApplyError> {
+    let log_as = |table: u32| -> Result<(&TableDesc, &str, String), ApplyError> {
+        let (desc, quoted) = table_at(set, tables, table)?;
+        Ok((desc, quoted, tables[table as usize].0.to_string()))
+    };
+    match change {
+        Change::Insert { table, new } => {
+            let (desc, quoted, name) = log_as(*table)?;
+            check_width(desc, new.len())?;
+            let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
+            let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+            let conflict = sql::Conflict {
+                table: &name,
+                origin,
             };
-            let refs: Vec<&(dyn ToSql + Sync)> =
-                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-            self.client
-                .query_opt(&statement, &refs)
-                .await
-                .map_err(ApplyError::db("reading the local row of a conflict"))?
-                .and_then(|row| row.get(0))
-        } else {
-            None
-        };
-        let names: Vec<&str> = remote.iter().map(|(n, _)| *n).collect();
-        let values: Vec<Option<&str>> = remote
-            .iter()
-            .map(|(_, d)| match d {
-                Datum::Text(b) => std::str::from_utf8(b).ok(),
-                _ => None,
-            })
-            .collect();
-        let table_text = table.to_string();
-        self.client
-            .execute(
-                &self.record_conflict,
-                &[
-                    &table_text,
-                    &kind,
-                    &self.origin_node,
-                    &local,
-                    &names,
-                    &values,
-                    &resolution,
-                ],
-            )
-            .await
-            .map_err(ApplyError::db("recording a conflict"))?;
-        self.metrics
-            .conflicts
-            .with_label_values(&[&table_text, kind, resolution])
-            .inc();
-        tracing::info!(
-            origin = %self.origin_node,
-            table = %table_text,
-            kind,
-            resolution,
-            "conflict recorded in pgmm.conflicts"
-        );
-        Ok(())
+            Ok((
+                sql::insert_logged(quoted, &columns, &desc.key, &conflict),
+                params,
+                Step::Change {
+                    table: *table as usize,
+                    what: "INSERT",
+                    conflict: Some(("insert_exists", "keep_local")),
+                },
+            ))
+        }
+        Change::Update {
+            table,
+            old_key,
+            new,
+        } => {
+            let (desc, quoted, name) = log_as(*table)?;
+            check_width(desc, new.len())?;
+            // Unchanged TOAST values are left out of SET, which keeps the local value.
+            let mut set_columns = Vec::with_capacity(new.len());
+            let mut params = Vec::with_capacity(new.len() + desc.key.len());
+            for (column, datum) in desc.columns.iter().zip(new) {
+                if *datum != Datum::UnchangedToast {
+                    set_columns.push(column.as_str());
+                    params.push(text(datum)?);
+                }
+            }
+            let key = key_columns(desc);
+            match old_key {
+                Some(old) if old.len() == key.len() => {
+                    for d in old {
+                        params.push(text(d)?);
+                    }
+                }
+                Some(old) => {
+                    return Err(ApplyError::Malformed(format!(
+                        "an UPDATE of {name} with {} old key values for {} key columns",
+                        old.len(),
+                        key.len()
+                    )))
+                }
+                None => {
+                    for &k in &desc.key {
+                        params.push(text(&new[k])?);
+                    }
+                }
+            }
+            if set_columns.is_empty() {
+                return Err(ApplyError::Malformed(format!(
+                    "an UPDATE of {name} without values"
+                )));
+            }
+            let conflict = sql::Conflict {
+                table: &name,
+                origin,
+            };
+            Ok((
+                sql::update_logged(quoted, &set_columns, &key, &conflict),
+                params,
+                Step::Change {
+                    table: *table as usize,
+                    what: "UPDATE",
+                    conflict: Some(("update_missing", "skip")),
+                },
+            ))
+        }
+        Change::Delete { table, key } => {
+            let (desc, quoted, name) = log_as(*table)?;
+            let columns = key_columns(desc);
+            if key.len() != columns.len() {
+                return Err(ApplyError::Malformed(format!(
+                    "a DELETE of {name} with {} key values for {} key columns",
+                    key.len(),
+                    columns.len()
+                )));
+            }
+            let params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+            let conflict = sql::Conflict {
+                table: &name,
+                origin,
+            };
+            Ok((
+                sql::delete_logged(quoted, &columns, &conflict),
+                params,
+                Step::Change {
+                    table: *table as usize,
+                    what: "DELETE",
+                    conflict: Some(("delete_missing", "skip")),
+                },
+            ))
+        }
+        Change::Truncate {
+            tables: which,
+            cascade,
+            restart_identity,
+        } => {
+            if which.is_empty() {
+                return Err(ApplyError::Malformed("a TRUNCATE of no table".into()));
+            }
+            let names = which
+                .iter()
+                .map(|t| table_at(set, tables, *t).map(|(_, q)| q.to_owned()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((
+                sql::truncate(&names, *cascade, *restart_identity),
+                Vec::new(),
+                Step::Change {
+                    table: which[0] as usize,
+                    what: "TRUNCATE",
+                    conflict: None,
+                },
+            ))
+        }
     }
-}
-
-fn text_or_null(d: &Datum) -> PgText<'_> {
-    text(d).unwrap_or(PgText(None))
-}
-
-/// Column names paired with values, unchanged TOAST values left out (they are not known here).
-fn named<'a>(desc: &'a TableDesc, row: &'a [Datum]) -> Vec<(&'a str, &'a Datum)> {
-    desc.columns
-        .iter()
-        .map(String::as_str)
-        .zip(row)
-        .filter(|(_, d)| **d != Datum::UnchangedToast)
-        .collect()
 }
 
 fn key_columns(desc: &TableDesc) -> Vec<&str> {
@@ -625,9 +640,7 @@ fn table_at<'a>(
 ) -> Result<(&'a TableDesc, &'a str), ApplyError> {
     let i = index as usize;
     match (set.tables.get(i), tables.get(i)) {
-        (Some(desc), Some((_, quoted))) if desc.key.iter().all(|&k| k < desc.columns.len()) => {
-            Ok((desc, quoted))
-        }
+        (Some(desc), Some((_, quoted))) => Ok((desc, quoted)),
         _ => Err(ApplyError::Malformed(format!(
             "a change refers to table #{index}, which the change set does not describe"
         ))),
@@ -647,16 +660,7 @@ fn check_width(desc: &TableDesc, got: usize) -> Result<(), ApplyError> {
     }
 }
 
-/// The table a change is reported under (a TRUNCATE's first); validated by `plan` first.
+/// The table a change is reported under (a TRUNCATE's first); checked by [`plan`] first.
 fn first_table(change: &Change) -> usize {
     change.tables().next().unwrap_or(0) as usize
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "INSERT",
-        Op::Update => "UPDATE",
-        Op::Delete => "DELETE",
-        Op::Truncate => "TRUNCATE",
-    }
 }

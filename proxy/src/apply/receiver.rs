@@ -17,8 +17,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{origin_name, Applier, ApplyError};
-use crate::changeset::ChangeSet;
+use super::{origin_name, Applier, ApplyError, BatchError, RemoteTx};
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::metrics::ReplicationMetrics;
 use crate::migrate::pg_error_text;
@@ -34,15 +33,10 @@ pub const LINK_SILENCE: Duration = Duration::from_secs(30);
 const QUEUE: usize = 256;
 /// At most this many asynchronous commits before a synchronous one (and an ack).
 const MAX_UNSYNCED: usize = 256;
+/// Transactions sent to the database as one pipeline.
+const MAX_BATCH: usize = 64;
 /// How long a new link waits for the origin's previous apply session to end.
 const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
-
-/// One remote transaction, as read from the link.
-struct Inbound {
-    end_lsn: Lsn,
-    commit_time: i64,
-    changes: ChangeSet,
-}
 
 /// Reads `pg_replication_origin_progress` for the handshake, over one lazily (re)opened
 /// session.
@@ -114,6 +108,9 @@ pub struct Receiver {
     pub peer_metrics: PeerMetrics,
     pub metrics: ReplicationMetrics,
     pub progress: OriginProgress,
+    /// Per peer: wakes our shipper to that peer when the peer links in, since a node that
+    /// links in is up and our shipper need not wait out its backoff to find out.
+    pub wake: HashMap<String, Arc<tokio::sync::Notify>>,
     origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
 }
 
@@ -127,6 +124,7 @@ impl Receiver {
         replication: ReplicationConfig,
         peer_metrics: PeerMetrics,
         metrics: ReplicationMetrics,
+        wake: HashMap<String, Arc<tokio::sync::Notify>>,
     ) -> Receiver {
         Receiver {
             identity,
@@ -137,6 +135,7 @@ impl Receiver {
             replication,
             peer_metrics,
             metrics,
+            wake,
             origins: Mutex::new(HashMap::new()),
         }
     }
@@ -195,6 +194,9 @@ impl Receiver {
         };
         // The handshake logged and counted its own failure.
         let Ok((conn, node)) = handshake else { return };
+        if let Some(wake) = self.wake.get(&node) {
+            wake.notify_one();
+        }
         let slot = self.slot(&node);
         let token = shutdown.child_token();
         {
@@ -207,7 +209,7 @@ impl Receiver {
             guard = slot.applier.lock() => guard,
         };
         let (mut sender, mut receiver) = conn.into_split();
-        let (queue, mut inbound) = mpsc::channel::<Inbound>(QUEUE);
+        let (queue, mut inbound) = mpsc::channel::<RemoteTx>(QUEUE);
         let reader_token = token.clone();
         let reader_node = node.clone();
         let reader = tokio::spawn(async move {
@@ -232,7 +234,7 @@ impl Receiver {
                             tracing::warn!(peer = %reader_node, %origin, "peer sent another node's transaction: dropping the link");
                             break;
                         }
-                        let item = Inbound {
+                        let item = RemoteTx {
                             end_lsn,
                             commit_time,
                             changes,
@@ -268,7 +270,7 @@ impl Receiver {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unsynced = 0usize;
         loop {
-            let item = tokio::select! {
+            let first = tokio::select! {
                 _ = token.cancelled() => break,
                 _ = heartbeat.tick() => {
                     let now = pg_epoch_micros(SystemTime::now());
@@ -282,6 +284,14 @@ impl Receiver {
                     None => break,
                 },
             };
+            // Whatever else has arrived goes into the same pipeline.
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match inbound.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
             if applier.as_ref().is_none_or(Applier::is_closed) {
                 match self.open_applier(&node, &token).await {
                     Ok(a) => *applier = Some(a),
@@ -293,37 +303,32 @@ impl Receiver {
                 }
             }
             let a = applier.as_mut().expect("opened above");
-            let sync = inbound.is_empty() || unsynced + 1 >= MAX_UNSYNCED;
-            match a
-                .apply(item.end_lsn, item.commit_time, &item.changes, sync)
-                .await
-            {
-                Ok(outcome) => {
-                    if !outcome.duplicate {
-                        applied_changes.inc_by(outcome.changes as u64);
-                        applied_txs.inc();
-                    }
-                    if sync || (outcome.duplicate && unsynced == 0) {
-                        unsynced = 0;
-                        let ack = Body::Ack {
-                            applied_lsn: a.progress(),
-                        };
-                        if sender.send(&ack).await.is_err() {
-                            break;
-                        }
-                    } else if !outcome.duplicate {
-                        unsynced += 1;
-                    }
-                }
-                Err(e) => {
-                    apply_errors.inc();
-                    tracing::error!(
-                        peer = %node,
-                        sqlstate = %e.sqlstate(),
-                        error = %e,
-                        "a transaction from the peer failed to apply and was rolled back: \
-                         dropping the link; the peer resends it after reconnecting"
-                    );
+            let sync = inbound.is_empty() || unsynced + batch.len() >= MAX_UNSYNCED;
+            let (outcome, error) = match a.apply_batch(&batch, sync).await {
+                Ok(outcome) => (outcome, None),
+                Err(BatchError { applied, error }) => (applied, Some(error)),
+            };
+            applied_changes.inc_by(outcome.changes as u64);
+            applied_txs.inc_by(outcome.transactions as u64);
+            if let Some(e) = error {
+                apply_errors.inc();
+                tracing::error!(
+                    peer = %node,
+                    sqlstate = %e.sqlstate(),
+                    error = %e,
+                    "a transaction from the peer failed to apply and was rolled back: \
+                     dropping the link; the peer resends it after reconnecting"
+                );
+                break;
+            }
+            unsynced += outcome.transactions;
+            // Duplicates alone change nothing here: the current progress may be acked at once.
+            if sync || unsynced == 0 {
+                unsynced = 0;
+                let ack = Body::Ack {
+                    applied_lsn: a.progress(),
+                };
+                if sender.send(&ack).await.is_err() {
                     break;
                 }
             }
