@@ -7,6 +7,7 @@
 // Each test binary includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+mod cluster;
 mod pgmm;
 mod postgres;
 pub mod wire;
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 
 // Re-exported for whichever test binary needs them.
 #[allow(unused_imports)]
-pub use pgmm::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions};
+pub use cluster::{ClusterOptions, Db, NodeOverride, TestCluster};
+#[allow(unused_imports)]
+pub use pgmm::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions, PgmmPorts, StartFailure};
 #[allow(unused_imports)]
 pub use postgres::{PgCluster, PgOptions, MD5_USER, SCRAM_USER};
 
@@ -43,6 +46,28 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> O
         }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Like [`wait_until`], for conditions whose "not yet" deserves explaining: `probe` says why it is
+/// not satisfied, and the panic after `timeout` quotes its last answer (the values seen, an error).
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let why = match probe() {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen:\n{why}");
         }
         thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -26,6 +26,10 @@ pub struct PgmmOptions {
     /// `[client] tls_cert`, `tls_key`.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub peer: Option<PeerOptions>,
+    /// Ports decided by the caller, for a node that other nodes' configs name before it starts.
+    /// `None` picks free ports and, if one is taken before pgmm binds it, retries with others;
+    /// fixed ports get a single attempt.
+    pub ports: Option<PgmmPorts>,
     /// Appended verbatim to the generated config, for sections the options above do not cover.
     pub extra_toml: String,
 }
@@ -39,12 +43,14 @@ impl Default for PgmmOptions {
             ownership: Vec::new(),
             tls: None,
             peer: None,
+            ports: None,
             extra_toml: String::new(),
         }
     }
 }
 
-/// `[peer]` (listening on a free port, with `secret` written to a secret file) and `[[peers]]`.
+/// `[peer]` (listening on a free port, or [`PgmmPorts::peer`], with `secret` written to a secret file)
+/// and `[[peers]]`.
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
     pub secret: String,
@@ -52,10 +58,64 @@ pub struct PeerOptions {
     pub peers: Vec<(String, String)>,
 }
 
+/// The three ports of one pgmm node, chosen before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgmmPorts {
+    pub client: u16,
+    pub metrics: u16,
+    /// `[peer] listen`; unused by a node without [`PgmmOptions::peer`].
+    pub peer: u16,
+}
+
+impl PgmmPorts {
+    /// Ports for `n` nodes, all distinct and free a moment ago. Every listener is held until all are
+    /// bound, so that the kernel cannot hand out one port twice; the race with other processes that
+    /// [`free_port`] describes remains.
+    pub fn allocate(n: usize) -> Vec<PgmmPorts> {
+        let listeners: Vec<TcpListener> = (0..3 * n)
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port")
+            })
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("local address").port())
+            .collect();
+        ports
+            .chunks(3)
+            .map(|p| PgmmPorts {
+                client: p[0],
+                metrics: p[1],
+                peer: p[2],
+            })
+            .collect()
+    }
+}
+
+/// Why a pgmm process did not become ready: it exited during startup.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: ExitStatus,
+    /// The log says a listen address was in use: worth another attempt on other ports.
+    pub port_taken: bool,
+    pub config: String,
+    pub log: String,
+}
+
+impl StartFailure {
+    pub fn panic(self) -> ! {
+        panic!(
+            "pgmm exited during startup ({}); config:\n{}\nlog:\n{}",
+            self.status, self.config, self.log
+        )
+    }
+}
+
 /// A running `pgmm serve`; dropping it kills the process (and prints its log if the test failed).
 pub struct Pgmm {
     child: Child,
     exit: Option<ExitStatus>,
+    node: String,
     client_port: u16,
     metrics_port: u16,
     peer_port: Option<u16>,
@@ -79,71 +139,148 @@ fn q(s: &str) -> String {
     out
 }
 
+/// Starts `pgmm serve --config config_path`, appending its stdout and stderr to `log_path`.
+fn spawn_serve(config_path: &Path, log_path: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open pgmm.log");
+    Command::new(env!("CARGO_BIN_EXE_pgmm"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config_path)
+        .env(
+            "RUST_LOG",
+            std::env::var("PGMM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_pgmm")))
+}
+
 impl Pgmm {
-    /// Writes a config for `opts` with free ports, starts `pgmm serve`, and waits until both the client
-    /// port and `/healthz` answer.
+    /// Writes a config for `opts` (free ports unless [`PgmmOptions::ports`] fixes them), starts
+    /// `pgmm serve`, and waits until both the client port and `/healthz` answer.
     pub fn start(pg: &PgCluster, opts: PgmmOptions) -> Pgmm {
-        const ATTEMPTS: usize = 3;
-        for attempt in 1..=ATTEMPTS {
-            let dir = tempfile::Builder::new()
-                .prefix("pgmm-it-proxy-")
-                .tempdir()
-                .expect("create a temporary directory for pgmm");
-            let (client_port, metrics_port) = (free_port(), free_port());
-            let peer_port = opts.peer.as_ref().map(|_| free_port());
-            let config =
-                Self::config_text(pg, &opts, dir.path(), client_port, metrics_port, peer_port);
-            let config_path = dir.path().join("pgmm.toml");
-            fs::write(&config_path, &config).expect("write pgmm.toml");
-            let log_path = dir.path().join("pgmm.log");
-            let log = fs::File::create(&log_path).expect("create pgmm.log");
-            let child = Command::new(env!("CARGO_BIN_EXE_pgmm"))
-                .arg("serve")
-                .arg("--config")
-                .arg(&config_path)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("PGMM_TEST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log file"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_pgmm")));
-            let mut pgmm = Pgmm {
-                child,
-                exit: None,
-                client_port,
-                metrics_port,
-                peer_port,
-                dir,
-            };
-            // Connecting and closing without a byte is what health checkers do; like Postgres, pgmm
-            // must treat it as a clean disconnect, so it is a fair readiness probe.
-            let ready = wait_until("pgmm to listen", Duration::from_secs(60), || {
-                if let Some(status) = pgmm.child.try_wait().expect("try_wait pgmm") {
-                    return Some(Err(status));
-                }
-                let client = TcpStream::connect(("127.0.0.1", client_port)).is_ok();
-                let health =
-                    http_get(metrics_port, "/healthz").is_some_and(|(code, _)| code == 200);
-                (client && health).then_some(Ok(()))
-            });
-            match ready {
+        let attempts = if opts.ports.is_some() { 1 } else { 3 };
+        for attempt in 1..=attempts {
+            let mut pgmm = Pgmm::launch(pg, opts.clone());
+            match pgmm.wait_ready() {
                 Ok(()) => return pgmm,
-                Err(status) => {
-                    pgmm.exit = Some(status);
-                    let log = pgmm.log();
-                    let port_taken = log.contains("in use") || log.contains("AddrInUse");
-                    if !(port_taken && attempt < ATTEMPTS) {
-                        panic!(
-                            "pgmm exited during startup ({status}); config:\n{config}\nlog:\n{log}"
-                        );
-                    }
-                }
+                Err(failure) if failure.port_taken && attempt < attempts => {}
+                Err(failure) => failure.panic(),
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// Writes the config and spawns `pgmm serve` without waiting for it, so that the nodes of a
+    /// cluster can start side by side; follow with [`Pgmm::wait_ready`].
+    pub fn launch(pg: &PgCluster, opts: PgmmOptions) -> Pgmm {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmm-it-proxy-")
+            .tempdir()
+            .expect("create a temporary directory for pgmm");
+        let ports = opts.ports.unwrap_or_else(|| PgmmPorts {
+            client: free_port(),
+            metrics: free_port(),
+            peer: free_port(),
+        });
+        let peer_port = opts.peer.as_ref().map(|_| ports.peer);
+        let config = Self::config_text(
+            pg,
+            &opts,
+            dir.path(),
+            ports.client,
+            ports.metrics,
+            peer_port,
+        );
+        let config_path = dir.path().join("pgmm.toml");
+        fs::write(&config_path, &config).expect("write pgmm.toml");
+        let child = spawn_serve(&config_path, &dir.path().join("pgmm.log"));
+        Pgmm {
+            child,
+            exit: None,
+            node: opts.node,
+            client_port: ports.client,
+            metrics_port: ports.metrics,
+            peer_port,
+            dir,
+        }
+    }
+
+    /// Waits until the client port and `/healthz` answer (pgmm opens its client port last, once
+    /// its replication side is set up), or reports why the process exited first.
+    pub fn wait_ready(&mut self) -> Result<(), StartFailure> {
+        let (client_port, metrics_port) = (self.client_port, self.metrics_port);
+        // Connecting and closing without a byte is what health checkers do; like Postgres, pgmm
+        // must treat it as a clean disconnect, so it is a fair readiness probe.
+        let ready = wait_until("pgmm to listen", Duration::from_secs(60), || {
+            if let Some(status) = self.child.try_wait().expect("try_wait pgmm") {
+                return Some(Err(status));
+            }
+            let client = TcpStream::connect(("127.0.0.1", client_port)).is_ok();
+            let health = http_get(metrics_port, "/healthz").is_some_and(|(code, _)| code == 200);
+            (client && health).then_some(Ok(()))
+        });
+        ready.map_err(|status| {
+            self.exit = Some(status);
+            let log = self.log();
+            StartFailure {
+                status,
+                port_taken: log.contains("in use") || log.contains("AddrInUse"),
+                config: fs::read_to_string(self.config_path()).unwrap_or_default(),
+                log,
+            }
+        })
+    }
+
+    /// SIGKILL, and waits for the process to be gone: a crash, with no chance to flush, ack or
+    /// close anything.
+    pub fn kill(&mut self) {
+        if !self.is_running() {
+            return;
+        }
+        kill_process(Pid::from_child(&self.child), Signal::KILL).expect("send SIGKILL to pgmm");
+        let status = wait_child(&mut self.child, Duration::from_secs(30))
+            .expect("pgmm still running 30s after SIGKILL");
+        self.exit = Some(status);
+    }
+
+    /// Starts the same node again (same config file, same ports, log appended) after it exited
+    /// ([`Pgmm::kill`], or [`Pgmm::terminate`] and [`Pgmm::wait_exit`]), and waits until it is
+    /// ready. Panics if it is still running.
+    pub fn restart(&mut self) {
+        assert!(
+            !self.is_running(),
+            "restart of pgmm node {:?} while it still runs: stop it first",
+            self.node
+        );
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let log_path = self.dir.path().join("pgmm.log");
+            if let Ok(mut log) = fs::OpenOptions::new().append(true).open(&log_path) {
+                let _ = writeln!(log, "---- restarted by the test harness ----");
+            }
+            self.child = spawn_serve(&self.config_path(), &log_path);
+            self.exit = None;
+            match self.wait_ready() {
+                Ok(()) => return,
+                // The previous process's sockets may take a moment to be released.
+                Err(failure) if failure.port_taken && attempt < ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(failure) => failure.panic(),
+            }
+        }
+    }
+
+    /// The `[node] name`.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     fn config_text(
@@ -303,7 +440,8 @@ impl Drop for Pgmm {
         }
         if std::thread::panicking() {
             eprintln!(
-                "---- pgmm log (client port {}), last lines ----\n{}\n----",
+                "---- pgmm log (node {:?}, client port {}), last lines ----\n{}\n----",
+                self.node,
                 self.client_port,
                 tail(&self.log(), 80)
             );
