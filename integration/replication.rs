@@ -629,35 +629,45 @@ fn a_table_created_while_running_is_enrolled() {
 fn an_update_or_delete_of_a_row_missing_on_the_peer_is_recorded() {
     let mut c = TestCluster::prepare(2, ClusterOptions::default());
     c.create_table("t", COLUMNS);
-    // Before pgmm starts there is no slot: this row stays on a alone.
-    c.exec(0, "INSERT INTO t (id, v) VALUES (1, 'only on a')");
+    // Before pgmm starts there is no slot: these rows stay on a alone.
+    c.exec(
+        0,
+        "INSERT INTO t (id, v) VALUES (1, 'only on a'), (3, 'only on a')",
+    );
     c.start_pgmm();
     let a = c.front_door(0);
 
-    a.exec("UPDATE t SET v = 'changed', updated_at = now() WHERE id = 1");
+    // An update of a row b lacks brings the whole row to b.
+    a.exec("UPDATE t SET v = 'changed' WHERE id = 1");
     c.wait_nodes(
         "update_missing recorded on b",
         &[1],
         "SELECT string_agg(concat_ws(' ', kind, table_name, origin, resolution), ',' ORDER BY id) \
          FROM pgmm.conflicts",
-        "update_missing public.t a skip",
+        "update_missing public.t a apply_remote",
     );
-    a.exec("DELETE FROM t WHERE id = 1");
+    assert_eq!(c.scalar(1, "SELECT v FROM t WHERE id = 1"), "changed");
+    a.exec("DELETE FROM t WHERE id = 3");
     c.wait_nodes(
         "delete_missing recorded on b",
         &[1],
-        "SELECT string_agg(kind, ',' ORDER BY id) FROM pgmm.conflicts",
-        "update_missing,delete_missing",
+        "SELECT string_agg(kind || ' ' || resolution, ',' ORDER BY id) FROM pgmm.conflicts",
+        "update_missing apply_remote,delete_missing skip",
     );
     let remote: String = c.scalar(
         1,
         "SELECT remote_tuple->>'v' FROM pgmm.conflicts WHERE kind = 'update_missing'",
     );
     assert_eq!(remote, "changed");
+    // The delete left a tombstone on b all the same.
+    assert_eq!(
+        c.scalar(1, "SELECT key::text || ' ' || origin FROM pgmm.tombstones"),
+        "[\"3\"] a"
+    );
 
-    // The stream goes on.
+    // The stream goes on, and the two tables are equal again.
     a.exec("INSERT INTO t (id, v) VALUES (2, 'after')");
-    c.wait_converged("t", 1);
+    c.wait_converged("t", 2);
     assert_eq!(c.conflicts(0), Vec::<String>::new());
     assert_eq!(c.conflicts(1).len(), 2);
 }

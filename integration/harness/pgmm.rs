@@ -12,7 +12,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 
 use super::postgres::{conninfo, psql_command};
-use super::{free_port, tail, wait_child, wait_until, PgCluster};
+use super::{tail, wait_child, wait_until, PgCluster};
 
 /// How pgmm is configured; `Default` is node "a" of cluster "test" with nodes ["a", "b"], no ownership
 /// rules, no TLS and no peers.
@@ -70,7 +70,7 @@ pub struct PgmmPorts {
 impl PgmmPorts {
     /// Ports for `n` nodes, all distinct and free a moment ago. Every listener is held until all are
     /// bound, so that the kernel cannot hand out one port twice; the race with other processes that
-    /// [`free_port`] describes remains.
+    /// `free_port` describes remains.
     pub fn allocate(n: usize) -> Vec<PgmmPorts> {
         let listeners: Vec<TcpListener> = (0..3 * n)
             .map(|_| {
@@ -184,11 +184,8 @@ impl Pgmm {
             .prefix("pgmm-it-proxy-")
             .tempdir()
             .expect("create a temporary directory for pgmm");
-        let ports = opts.ports.unwrap_or_else(|| PgmmPorts {
-            client: free_port(),
-            metrics: free_port(),
-            peer: free_port(),
-        });
+        // Three ports held at once: three separate free_port() calls can get one port twice.
+        let ports = opts.ports.unwrap_or_else(|| PgmmPorts::allocate(1)[0]);
         let peer_port = opts.peer.as_ref().map(|_| ports.peer);
         let config = Self::config_text(
             pg,

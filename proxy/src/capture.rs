@@ -172,7 +172,12 @@ impl Shipper {
         let resume = welcome.resume_from;
         let slot = origin_name(&peer.name);
         let repl = ReplicationConn::connect(&self.conn).await?;
-        let mut options = vec![("proto_version", "1"), ("publication_names", PUBLICATION)];
+        // Logical messages carry the stamps of local deletes (see `guard`).
+        let mut options = vec![
+            ("proto_version", "1"),
+            ("publication_names", PUBLICATION),
+            ("messages", "true"),
+        ];
         // PostgreSQL 16+ can drop peers' transactions inside the server, saving the decoding;
         // 15 sends them with an Origin message and they are dropped here.
         if server_major(repl.parameter("server_version")) >= 16 {

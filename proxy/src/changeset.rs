@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::guard::VERSION_MESSAGE_PREFIX;
 use crate::pgoutput::{Begin, Datum, Lsn, Message, Relation, RelationCache, Tuple};
 use crate::table::TableName;
 
@@ -56,11 +57,21 @@ pub enum Change {
         /// key is read from `new`.
         old_key: Option<Vec<Datum>>,
         new: Vec<Datum>,
+        /// The conflict column's value the update replaced, as announced by the origin's clock
+        /// trigger (see [`Stamps`]).
+        #[serde(default)]
+        old_stamp: Option<i64>,
     },
     Delete {
         table: u32,
         /// The deleted row's key, in key order.
         key: Vec<Datum>,
+        /// The delete's stamp from the origin's clock trigger (see [`Stamps`]).
+        #[serde(default)]
+        deleted_at: Option<i64>,
+        /// The conflict column's value of the deleted row.
+        #[serde(default)]
+        old_stamp: Option<i64>,
     },
     Truncate {
         tables: Vec<u32>,
@@ -147,6 +158,9 @@ impl AssembleError {
 struct Open {
     begin: Begin,
     origin: Option<String>,
+    /// Relation oid → the stamps pgmm's trigger announced for the next change of it (which
+    /// follows the message directly), not yet matched.
+    stamps: HashMap<u32, Stamps>,
     /// Relation oid → index in `set.tables`.
     index: HashMap<u32, u32>,
     set: ChangeSet,
@@ -180,6 +194,7 @@ impl Assembler {
                 self.open = Some(Open {
                     begin,
                     origin: None,
+                    stamps: HashMap::new(),
                     index: HashMap::new(),
                     set: ChangeSet::default(),
                 });
@@ -219,6 +234,16 @@ impl Assembler {
                 self.relations.apply(&msg);
                 Ok(None)
             }
+            Message::Message(m) if m.transactional() && m.prefix == VERSION_MESSAGE_PREFIX => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(AssembleError::OutsideTransaction("Message"))?;
+                if let Some((oid, stamps)) = Stamps::parse(&m.content) {
+                    open.stamps.insert(oid, stamps);
+                }
+                Ok(None)
+            }
             Message::Type(_) | Message::Message(_) => Ok(None),
             Message::Insert(ins) => {
                 let Some((open, rel)) = self.target("Insert", ins.relation)? else {
@@ -239,10 +264,12 @@ impl Assembler {
                     None => None,
                 };
                 let new = row(rel, upd.new)?;
+                let old_stamp = open.stamps.remove(&upd.relation).and_then(|s| s.old);
                 open.set.changes.push(Change::Update {
                     table,
                     old_key,
                     new,
+                    old_stamp,
                 });
                 Ok(None)
             }
@@ -255,7 +282,13 @@ impl Assembler {
                     table: qualified(rel),
                 })?;
                 let key = key_of(rel, row(rel, identity)?)?;
-                open.set.changes.push(Change::Delete { table, key });
+                let stamps = open.stamps.remove(&del.relation).unwrap_or_default();
+                open.set.changes.push(Change::Delete {
+                    table,
+                    key,
+                    deleted_at: stamps.deleted,
+                    old_stamp: stamps.old,
+                });
                 Ok(None)
             }
             Message::Truncate(tr) => {
@@ -316,6 +349,28 @@ impl Open {
     }
 }
 
+/// What the origin's clock trigger says about the change that follows its message (see
+/// `guard::VERSION_MESSAGE_PREFIX`): the version the change replaced and, for a delete, the
+/// delete's own stamp, in microseconds since 2000-01-01 UTC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamps {
+    pub old: Option<i64>,
+    pub deleted: Option<i64>,
+}
+
+impl Stamps {
+    /// `<oid> <old> [<deleted>]`, `-` for NULL.
+    fn parse(content: &[u8]) -> Option<(u32, Stamps)> {
+        let text = std::str::from_utf8(content).ok()?;
+        let mut parts = text.split(' ');
+        let oid = parts.next()?.parse().ok()?;
+        let stamp = |p: Option<&str>| p.and_then(|p| p.parse::<i64>().ok());
+        let old = stamp(parts.next());
+        let deleted = stamp(parts.next());
+        Some((oid, Stamps { old, deleted }))
+    }
+}
+
 fn qualified(rel: &Relation) -> String {
     TableName::new(rel.namespace.clone(), rel.name.clone()).to_string()
 }
@@ -349,7 +404,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::pgoutput::{Column, Commit, Delete, Insert, Origin, Truncate, Update};
+    use crate::pgoutput::{
+        Column, Commit, Delete, Insert, LogicalMessage, Origin, Truncate, Update,
+    };
 
     fn text(s: &str) -> Datum {
         Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
@@ -466,6 +523,13 @@ mod tests {
             new: Tuple(vec![text("2"), Datum::UnchangedToast, text("t")]),
         }))
         .unwrap();
+        a.push(Message::Message(LogicalMessage {
+            flags: 1,
+            lsn: 1,
+            prefix: VERSION_MESSAGE_PREFIX.into(),
+            content: Bytes::from_static(b"1 77"),
+        }))
+        .unwrap();
         a.push(Message::Update(Update {
             relation: 1,
             key: None,
@@ -473,6 +537,22 @@ mod tests {
             new: Tuple(vec![text("2"), text("v"), text("t")]),
         }))
         .unwrap();
+        // The clock trigger's stamp for the delete that follows; another table's and a
+        // non-transactional message are not it.
+        for (flags, prefix, content) in [
+            (1, VERSION_MESSAGE_PREFIX, "1 - 123"),
+            (1, VERSION_MESSAGE_PREFIX, "2 999 999"),
+            (0, VERSION_MESSAGE_PREFIX, "1 555 555"),
+            (1, "other", "1 777"),
+        ] {
+            a.push(Message::Message(LogicalMessage {
+                flags,
+                lsn: 1,
+                prefix: prefix.into(),
+                content: Bytes::from_static(content.as_bytes()),
+            }))
+            .unwrap();
+        }
         a.push(Message::Delete(Delete {
             relation: 1,
             key: None,
@@ -487,15 +567,19 @@ mod tests {
                     table: 0,
                     old_key: Some(vec![text("1")]),
                     new: vec![text("2"), Datum::UnchangedToast, text("t")],
+                    old_stamp: None,
                 },
                 Change::Update {
                     table: 0,
                     old_key: None,
                     new: vec![text("2"), text("v"), text("t")],
+                    old_stamp: Some(77),
                 },
                 Change::Delete {
                     table: 0,
-                    key: vec![text("2")]
+                    key: vec![text("2")],
+                    deleted_at: Some(123),
+                    old_stamp: None,
                 },
             ]
         );

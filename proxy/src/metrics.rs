@@ -125,6 +125,8 @@ pub struct ReplicationMetrics {
     pub slot_retained_wal_bytes: IntGaugeVec,
     pub enrolled_tables: IntGauge,
     pub enrolment_errors: IntCounter,
+    pub peer_clock_skew: GaugeVec,
+    pub tombstones_purged: IntCounter,
 }
 
 impl ReplicationMetrics {
@@ -210,6 +212,20 @@ impl ReplicationMetrics {
                 "Enrolment checks that found a matching table which cannot replicate (no \
                  primary key or conflict column), or failed; the log names the table.",
             )?,
+            peer_clock_skew: GaugeVec::new(
+                Opts::new(
+                    "pgmm_peer_clock_skew_seconds",
+                    "Estimated offset of the peer's clock from this node's (positive: the peer \
+                     runs ahead), from the send times in its heartbeats; includes one-way \
+                     network delay.",
+                ),
+                &["peer"],
+            )?,
+            tombstones_purged: IntCounter::new(
+                "pgmm_tombstones_purged_total",
+                "Tombstones removed from pgmm.tombstones: older than the retention, and every \
+                 peer has acknowledged this node's changes past them.",
+            )?,
         };
         registry.register(Box::new(m.changes_captured.clone()))?;
         registry.register(Box::new(m.changes_shipped.clone()))?;
@@ -224,6 +240,8 @@ impl ReplicationMetrics {
         registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
         registry.register(Box::new(m.enrolled_tables.clone()))?;
         registry.register(Box::new(m.enrolment_errors.clone()))?;
+        registry.register(Box::new(m.peer_clock_skew.clone()))?;
+        registry.register(Box::new(m.tombstones_purged.clone()))?;
         for peer in peers {
             let l = [peer.as_str()];
             m.changes_shipped.with_label_values(&l);
@@ -234,6 +252,7 @@ impl ReplicationMetrics {
             m.lag_bytes.with_label_values(&l);
             m.peer_up.with_label_values(&l);
             m.slot_retained_wal_bytes.with_label_values(&l);
+            m.peer_clock_skew.with_label_values(&l);
         }
         Ok(m)
     }

@@ -28,11 +28,18 @@ pub struct Migration {
 
 /// Every migration, in version order, numbered 1, 2, ... without gaps (checked by a unit test
 /// against the files in `migrations/`, so a file cannot be added and forgotten here).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "pgmm_schema",
-    sql: include_str!("../../migrations/0001_pgmm_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "pgmm_schema",
+        sql: include_str!("../../migrations/0001_pgmm_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "lww",
+        sql: include_str!("../../migrations/0002_lww.sql"),
+    },
+];
 
 /// The schema version this binary brings a database to, and the newest it accepts.
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;

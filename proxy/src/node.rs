@@ -22,8 +22,10 @@ use crate::apply::{origin_name, Receiver};
 use crate::capture::Shipper;
 use crate::config::Config;
 use crate::enrol::{self, EnrolError};
+use crate::guard::{self, GuardContext, GuardError};
 use crate::metrics::{MetricsError, ReplicationMetrics};
 use crate::migrate::{self, pg_error_text, MigrateError};
+use crate::owners::OwnerRules;
 use crate::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
 use crate::replication::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
 
@@ -52,6 +54,16 @@ pub enum NodeError {
     ConnConfig(#[source] ReplicationError),
     #[error("creating replication origins: {}", pg_error_text(.0))]
     Origins(#[source] tokio_postgres::Error),
+    #[error(
+        "the local Postgres runs with track_commit_timestamp = off: pgmm needs it on to know \
+         which node wrote a row (last-writer-wins and conflict detection); set \
+         track_commit_timestamp = on in postgresql.conf and restart Postgres"
+    )]
+    CommitTimestamps,
+    #[error("checking the server settings: {}", pg_error_text(.0))]
+    Settings(#[source] tokio_postgres::Error),
+    #[error("enrolment: {0}")]
+    Guard(#[source] Box<GuardError>),
     #[error(transparent)]
     Peer(#[from] PeerError),
     #[error("peer TLS: {0}")]
@@ -68,6 +80,12 @@ pub enum NodeError {
     Cancelled,
 }
 
+impl From<GuardError> for NodeError {
+    fn from(e: GuardError) -> Self {
+        NodeError::Guard(Box::new(e))
+    }
+}
+
 impl NodeError {
     pub fn sqlstate(&self) -> String {
         match self {
@@ -76,9 +94,11 @@ impl NodeError {
             NodeError::Slot { source, .. } | NodeError::ConnConfig(source) => {
                 source.sqlstate().into()
             }
-            NodeError::Origins(e) => e
+            NodeError::Origins(e) | NodeError::Settings(e) => e
                 .code()
                 .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
+            NodeError::CommitTimestamps => "55000".into(),
+            NodeError::Guard(e) => e.sqlstate().into(),
             NodeError::Peer(e) => e.sqlstate().into(),
             NodeError::Tls(e) => e.sqlstate().into(),
             NodeError::Bind { .. } | NodeError::Metrics(_) => "58000".into(),
@@ -114,7 +134,25 @@ impl ReplicationNode {
         let metrics = ReplicationMetrics::register(registry, &peers)?;
         let peer_metrics = PeerMetrics::register(registry)?;
 
+        let commit_timestamps: String = client
+            .query_one("SELECT current_setting('track_commit_timestamp')", &[])
+            .await
+            .map_err(NodeError::Settings)?
+            .get(0);
+        if commit_timestamps != "on" {
+            return Err(NodeError::CommitTimestamps);
+        }
+        let rules = Arc::new(OwnerRules::from_config(config));
+
         let (tables, change) = enrol::enrol(&mut client, &config.replication).await?;
+        let ctx = GuardContext {
+            node: &config.node.name,
+            conflict_column: &config.replication.conflict_column,
+            rules: &rules,
+        };
+        for table in &tables {
+            guard::install(&client, table, &ctx).await?;
+        }
         metrics.enrolled_tables.set(tables.len() as i64);
         tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
 
@@ -185,6 +223,7 @@ impl ReplicationNode {
             peer_metrics.clone(),
             metrics.clone(),
             wake.clone(),
+            rules.clone(),
         ));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 
@@ -207,7 +246,14 @@ impl ReplicationNode {
             config.clone(),
             client,
             metrics.clone(),
+            rules,
             ddl_seen,
+            shutdown.clone(),
+        ));
+        tasks.spawn(tombstone_purge(
+            config.clone(),
+            peers.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(slot_monitor(
@@ -256,6 +302,7 @@ async fn enrol_loop(
     config: Config,
     mut client: Client,
     metrics: ReplicationMetrics,
+    rules: Arc<OwnerRules>,
     ddl_seen: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -291,9 +338,19 @@ async fn enrol_loop(
         };
         let mut tables = Vec::new();
         let mut problems = Vec::new();
+        let ctx = GuardContext {
+            node: &config.node.name,
+            conflict_column: &config.replication.conflict_column,
+            rules: &rules,
+        };
         for verdict in checked {
             match verdict {
-                Ok(t) => tables.push(t),
+                // A table is published only once its triggers are in place, so that every
+                // write shipped from it is stamped.
+                Ok(t) => match guard::install(&client, &t, &ctx).await {
+                    Ok(()) => tables.push(t),
+                    Err(e) => problems.push(e.to_string()),
+                },
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -381,4 +438,59 @@ async fn slot_monitor(
             }
         }
     }
+}
+
+/// How often tombstones are checked for purging.
+const TOMBSTONE_PURGE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Removes tombstones once they are older than `[replication] tombstone_retention_hours` and
+/// every peer's slot has confirmed this node's WAL past the point where the tombstone was
+/// written; with a slot missing, nothing is purged (that peer's position is unknown).
+async fn tombstone_purge(
+    config: Config,
+    peers: Vec<String>,
+    metrics: ReplicationMetrics,
+    shutdown: CancellationToken,
+) {
+    let slots: Vec<String> = peers.iter().map(|p| origin_name(p)).collect();
+    let retention = format!("{} hours", config.replication.tombstone_retention_hours);
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TOMBSTONE_PURGE_INTERVAL) => {}
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = migrate::connect(&config.postgres).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match purge_tombstones(c, &slots, &retention).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.tombstones_purged.inc_by(n);
+                tracing::info!(purged = n, "old tombstones purged");
+            }
+            Err(e) => tracing::warn!(error = %pg_error_text(&e), "purging tombstones failed"),
+        }
+    }
+}
+
+/// One purge pass; returns how many tombstones it removed.
+pub async fn purge_tombstones(
+    client: &Client,
+    slots: &[String],
+    retention: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH acked AS ( \
+                 SELECT count(*) AS slots, min(confirmed_flush_lsn) AS lsn \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = ANY ($1::text[])) \
+             DELETE FROM pgmm.tombstones t USING acked \
+             WHERE acked.slots = cardinality($1::text[]) \
+               AND t.deleted_at < now() - $2::text::interval \
+               AND (cardinality($1::text[]) = 0 OR t.local_lsn < acked.lsn)",
+            &[&slots, &retention],
+        )
+        .await
 }

@@ -25,15 +25,20 @@ pub mod sql;
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
 use futures_util::future::join_all;
+use futures_util::TryStreamExt;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 use thiserror::Error;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::changeset::{Change, ChangeSet, TableDesc};
-use crate::config::{PostgresConfig, ReplicationConfig};
+use crate::config::{OwnerSpec, PostgresConfig, ReplicationConfig};
 use crate::metrics::ReplicationMetrics;
 use crate::migrate::pg_error_text;
+use crate::owners::{OwnerRules, Verdict};
 use crate::pgoutput::{format_lsn, parse_lsn, Datum, Lsn};
 use crate::table::TableName;
 
@@ -160,11 +165,11 @@ pub struct RemoteTx {
 enum Step {
     Begin,
     Setup,
-    /// A change: its table and the conflict kind its row count counts.
+    /// A change: its table (an index into the change set's tables), and what it is. Its
+    /// result rows are the conflicts it recorded, as (kind, resolution).
     Change {
         table: usize,
         what: &'static str,
-        conflict: Option<(&'static str, &'static str)>,
     },
     SyncCommit,
     Commit,
@@ -192,6 +197,8 @@ pub struct BatchError {
 /// One origin's apply session.
 pub struct Applier {
     origin_node: String,
+    here: String,
+    rules: Arc<OwnerRules>,
     client: Client,
     replication: ReplicationConfig,
     metrics: ReplicationMetrics,
@@ -209,6 +216,8 @@ impl Applier {
     pub async fn connect(
         pg: &PostgresConfig,
         origin_node: &str,
+        here: &str,
+        rules: Arc<OwnerRules>,
         replication: ReplicationConfig,
         metrics: ReplicationMetrics,
     ) -> Result<Applier, ApplyError> {
@@ -252,7 +261,9 @@ impl Applier {
                     .map_err(ApplyError::db("preparing apply statements"))
             }
         };
-        let begin = prepare("BEGIN").await?;
+        // Repeatable read: a local write racing with apply on the same row makes the apply
+        // transaction fail (40001) and be resent, instead of deciding on a stale version.
+        let begin = prepare("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
         // The division fails (22012) unless the origin is exactly where the previous
         // transaction of the pipeline left it: see the module docs.
         let setup = prepare(
@@ -266,6 +277,8 @@ impl Applier {
         let commit = prepare("COMMIT").await?;
         let mut applier = Applier {
             origin_node: origin_node.to_owned(),
+            here: here.to_owned(),
+            rules,
             client,
             replication,
             metrics,
@@ -348,6 +361,15 @@ impl Applier {
         let mut steps: Vec<(Statement, Vec<PgText>, Step)> = Vec::new();
         let mut table_names: Vec<Vec<TableName>> = Vec::with_capacity(txs.len());
         let mut prev = self.progress;
+        let rules = self.rules.clone();
+        let here = self.here.clone();
+        let origin = self.origin_node.clone();
+        let planner = Planner {
+            origin: &origin,
+            here: &here,
+            conflict_column: &self.replication.conflict_column.clone(),
+            rules: &rules,
+        };
         for (i, tx) in txs.iter().enumerate() {
             let tables = self.check_tables(&tx.changes)?;
             steps.push((self.begin.clone(), Vec::new(), Step::Begin));
@@ -361,7 +383,8 @@ impl Applier {
                 Step::Setup,
             ));
             for change in &tx.changes.changes {
-                let (text, params, step) = plan(&tx.changes, &tables, change, &self.origin_node)?;
+                let (text, params, step) =
+                    planner.plan(&tx.changes, &tables, change, tx.commit_time)?;
                 let table = first_table(change);
                 let statement = self.prepared(&text, &tables[table].0, &step).await?;
                 steps.push((statement, params, step));
@@ -373,25 +396,35 @@ impl Applier {
             table_names.push(tables.into_iter().map(|(n, _)| n).collect());
             prev = tx.end_lsn;
         }
-        let results = join_all(
-            steps
-                .iter()
-                .map(|(statement, params, _)| self.client.execute_raw(statement, params.clone())),
-        )
+        let client = &self.client;
+        let results = join_all(steps.iter().map(|(statement, params, step)| async move {
+            match step {
+                Step::Change { .. } => {
+                    let rows: Vec<tokio_postgres::Row> = client
+                        .query_raw(statement, params.clone())
+                        .await?
+                        .try_collect()
+                        .await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                        .collect::<Vec<_>>())
+                }
+                _ => client
+                    .execute_raw(statement, params.clone())
+                    .await
+                    .map(|_| Vec::new()),
+            }
+        }))
         .await;
 
         let mut tx_index = 0;
-        let mut conflicts: Vec<(String, &'static str, &'static str)> = Vec::new();
+        let mut conflicts: Vec<(String, String, String)> = Vec::new();
         let mut failure: Option<ApplyError> = None;
         for ((_, _, step), result) in steps.iter().zip(results) {
             match (step, result) {
-                (
-                    Step::Change {
-                        table, conflict, ..
-                    },
-                    Ok(n),
-                ) => {
-                    if let (Some((kind, resolution)), true) = (conflict, n > 0) {
+                (Step::Change { table, .. }, Ok(recorded)) => {
+                    for (kind, resolution) in recorded {
                         conflicts.push((
                             table_names[tx_index][*table].to_string(),
                             kind,
@@ -409,18 +442,23 @@ impl Applier {
                         for (table, kind, resolution) in conflicts.drain(..) {
                             self.metrics
                                 .conflicts
-                                .with_label_values(&[&table, kind, resolution])
+                                .with_label_values(&[&table, &kind, &resolution])
                                 .inc();
-                            tracing::info!(origin = %self.origin_node, %table, kind, resolution, "conflict recorded in pgmm.conflicts");
+                            if kind == "ownership_violation" {
+                                tracing::warn!(origin = %self.origin_node, %table, "a change its origin may not make was refused and recorded in pgmm.conflicts");
+                            } else {
+                                tracing::info!(origin = %self.origin_node, %table, %kind, %resolution, "conflict recorded in pgmm.conflicts");
+                            }
                         }
                     }
                     tx_index += 1;
                 }
                 (_, Ok(_)) => {}
                 (step, Err(source)) => {
+                    conflicts.clear();
                     if failure.is_none() {
                         failure = Some(match step {
-                            Step::Change { table, what, .. } => ApplyError::Statement {
+                            Step::Change { table, what } => ApplyError::Statement {
                                 table: table_names[tx_index][*table].clone(),
                                 what,
                                 source,
@@ -493,137 +531,261 @@ impl Applier {
     }
 }
 
-/// The statement text, values and step of one change.
-fn plan(
-    set: &ChangeSet,
-    tables: &[(TableName, String)],
-    change: &Change,
-    origin: &str,
-) -> Result<(String, Vec<PgText>, Step), ApplyError> {
-    let log_as = |table: u32| -> Result<(&TableDesc, &str, String), ApplyError> {
-        let (desc, quoted) = table_at(set, tables, table)?;
-        Ok((desc, quoted, tables[table as usize].0.to_string()))
-    };
-    match change {
-        Change::Insert { table, new } => {
-            let (desc, quoted, name) = log_as(*table)?;
-            check_width(desc, new.len())?;
-            let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
-            let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-            let conflict = sql::Conflict {
-                table: &name,
-                origin,
-            };
-            Ok((
-                sql::insert_logged(quoted, &columns, &desc.key, &conflict),
-                params,
-                Step::Change {
+/// Who applies: what [`plan`] needs besides the change.
+struct Planner<'a> {
+    origin: &'a str,
+    here: &'a str,
+    conflict_column: &'a str,
+    rules: &'a OwnerRules,
+}
+
+impl Planner<'_> {
+    fn lww<'b>(&'b self, quoted: &'b str, label: &'b str, table: &TableName) -> sql::Lww<'b> {
+        sql::Lww {
+            table: quoted,
+            label,
+            origin: self.origin,
+            here: self.here,
+            conflict_column: self.conflict_column,
+            row_owner: row_owner_sql(self.rules, table),
+        }
+    }
+
+    /// Whether the origin may make a change whose new row is `new` (`None` for a delete or a
+    /// truncate): table ownership, and row ownership of the new row. The local row's owner is
+    /// checked by the statement itself.
+    fn may_write(&self, desc: &TableDesc, table: &TableName, new: Option<&[Datum]>) -> bool {
+        match self.rules.rule(table) {
+            None => true,
+            Some(OwnerSpec::Node(owner)) => owner == self.origin,
+            Some(OwnerSpec::Column(column) | OwnerSpec::Key(column)) => {
+                let Some(new) = new else { return true };
+                let value =
+                    desc.columns
+                        .iter()
+                        .position(|c| c == column)
+                        .and_then(|i| match &new[i] {
+                            Datum::Text(b) => std::str::from_utf8(b).ok(),
+                            _ => None,
+                        });
+                self.rules.row_verdict(self.origin, table, value) == Verdict::Allowed
+            }
+        }
+    }
+
+    /// The statement text, values and step of one change of a transaction committed at
+    /// `commit_time`.
+    fn plan(
+        &self,
+        set: &ChangeSet,
+        tables: &[(TableName, String)],
+        change: &Change,
+        commit_time: i64,
+    ) -> Result<(String, Vec<PgText>, Step), ApplyError> {
+        match change {
+            Change::Insert { table, new } => {
+                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                check_width(desc, new.len())?;
+                let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
+                let step = Step::Change {
                     table: *table as usize,
                     what: "INSERT",
-                    conflict: Some(("insert_exists", "keep_local")),
-                },
-            ))
-        }
-        Change::Update {
-            table,
-            old_key,
-            new,
-        } => {
-            let (desc, quoted, name) = log_as(*table)?;
-            check_width(desc, new.len())?;
-            // Unchanged TOAST values are left out of SET, which keeps the local value.
-            let mut set_columns = Vec::with_capacity(new.len());
-            let mut params = Vec::with_capacity(new.len() + desc.key.len());
-            for (column, datum) in desc.columns.iter().zip(new) {
-                if *datum != Datum::UnchangedToast {
-                    set_columns.push(column.as_str());
-                    params.push(text(datum)?);
+                };
+                if !self.may_write(desc, name, Some(new)) {
+                    return Ok(self.violation(quoted, name, &columns, new, step));
                 }
+                let u = self.conflict_position(desc, name)?;
+                let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+                let label = name.to_string();
+                let text = self
+                    .lww(quoted, &label, name)
+                    .insert(&columns, &desc.key, u);
+                Ok((text, params, step))
             }
-            let key = key_columns(desc);
-            match old_key {
-                Some(old) if old.len() == key.len() => {
-                    for d in old {
-                        params.push(text(d)?);
-                    }
-                }
-                Some(old) => {
-                    return Err(ApplyError::Malformed(format!(
-                        "an UPDATE of {name} with {} old key values for {} key columns",
-                        old.len(),
-                        key.len()
-                    )))
-                }
-                None => {
-                    for &k in &desc.key {
-                        params.push(text(&new[k])?);
-                    }
-                }
-            }
-            if set_columns.is_empty() {
-                return Err(ApplyError::Malformed(format!(
-                    "an UPDATE of {name} without values"
-                )));
-            }
-            let conflict = sql::Conflict {
-                table: &name,
-                origin,
-            };
-            Ok((
-                sql::update_logged(quoted, &set_columns, &key, &conflict),
-                params,
-                Step::Change {
+            Change::Update {
+                table,
+                old_key,
+                new,
+                old_stamp,
+            } => {
+                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                check_width(desc, new.len())?;
+                let step = Step::Change {
                     table: *table as usize,
                     what: "UPDATE",
-                    conflict: Some(("update_missing", "skip")),
-                },
-            ))
-        }
-        Change::Delete { table, key } => {
-            let (desc, quoted, name) = log_as(*table)?;
-            let columns = key_columns(desc);
-            if key.len() != columns.len() {
-                return Err(ApplyError::Malformed(format!(
-                    "a DELETE of {name} with {} key values for {} key columns",
-                    key.len(),
-                    columns.len()
-                )));
+                };
+                if !self.may_write(desc, name, Some(new)) {
+                    let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
+                    return Ok(self.violation(quoted, name, &columns, new, step));
+                }
+                // Unchanged TOAST values are left out of SET, which keeps the local value.
+                let mut set_columns = Vec::with_capacity(new.len());
+                let mut params = Vec::with_capacity(new.len() + desc.key.len());
+                let mut u = None;
+                for (column, datum) in desc.columns.iter().zip(new) {
+                    if *datum != Datum::UnchangedToast {
+                        if *column == self.conflict_column {
+                            u = Some(set_columns.len());
+                        }
+                        set_columns.push(column.as_str());
+                        params.push(text(datum)?);
+                    }
+                }
+                let Some(u) = u else {
+                    return Err(self.no_conflict_column(name));
+                };
+                let key = key_columns(desc);
+                match old_key {
+                    Some(old) if old.len() == key.len() => {
+                        for d in old {
+                            params.push(text(d)?);
+                        }
+                    }
+                    Some(old) => {
+                        return Err(ApplyError::Malformed(format!(
+                            "an UPDATE of {name} with {} old key values for {} key columns",
+                            old.len(),
+                            key.len()
+                        )))
+                    }
+                    None => {
+                        for &k in &desc.key {
+                            params.push(text(&new[k])?);
+                        }
+                    }
+                }
+                params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
+                // A missing row can only be inserted when the change carries all of it.
+                let whole = set_columns.len() == desc.columns.len();
+                let label = name.to_string();
+                let text = self
+                    .lww(quoted, &label, name)
+                    .update(&set_columns, &key, u, whole);
+                Ok((text, params, step))
             }
-            let params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-            let conflict = sql::Conflict {
-                table: &name,
-                origin,
-            };
-            Ok((
-                sql::delete_logged(quoted, &columns, &conflict),
-                params,
-                Step::Change {
+            Change::Delete {
+                table,
+                key,
+                deleted_at,
+                old_stamp,
+            } => {
+                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                let columns = key_columns(desc);
+                if key.len() != columns.len() {
+                    return Err(ApplyError::Malformed(format!(
+                        "a DELETE of {name} with {} key values for {} key columns",
+                        key.len(),
+                        columns.len()
+                    )));
+                }
+                let step = Step::Change {
                     table: *table as usize,
                     what: "DELETE",
-                    conflict: Some(("delete_missing", "skip")),
-                },
-            ))
-        }
-        Change::Truncate {
-            tables: which,
-            cascade,
-            restart_identity,
-        } => {
-            if which.is_empty() {
-                return Err(ApplyError::Malformed("a TRUNCATE of no table".into()));
+                };
+                if !self.may_write(desc, name, None) {
+                    return Ok(self.violation(quoted, name, &columns, key, step));
+                }
+                let mut params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+                // A delete made without pgmm's trigger (before it was installed) carries no
+                // stamp: its transaction's commit time is the best there is.
+                params.push(literal(deleted_at.unwrap_or(commit_time).to_string()));
+                params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
+                let label = name.to_string();
+                let text = self.lww(quoted, &label, name).delete(&columns);
+                Ok((text, params, step))
             }
-            let names = which
-                .iter()
-                .map(|t| table_at(set, tables, *t).map(|(_, q)| q.to_owned()))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((
-                sql::truncate(&names, *cascade, *restart_identity),
-                Vec::new(),
-                Step::Change {
+            Change::Truncate {
+                tables: which,
+                cascade,
+                restart_identity,
+            } => {
+                if which.is_empty() {
+                    return Err(ApplyError::Malformed("a TRUNCATE of no table".into()));
+                }
+                let step = Step::Change {
                     table: which[0] as usize,
                     what: "TRUNCATE",
-                    conflict: None,
-                },
+                };
+                let mut names = Vec::with_capacity(which.len());
+                for t in which {
+                    let (_, quoted, name) = table_at(set, tables, *t)?;
+                    // Only a table's owner may truncate it; a row-owned table holds other
+                    // nodes' rows, so nobody may.
+                    let allowed = match self.rules.rule(name) {
+                        None => true,
+                        Some(OwnerSpec::Node(owner)) => owner == self.origin,
+                        Some(_) => false,
+                    };
+                    if !allowed {
+                        return Ok(self.violation(quoted, name, &["truncate"], &[], step));
+                    }
+                    names.push(quoted.to_owned());
+                }
+                Ok((
+                    sql::truncate(&names, *cascade, *restart_identity),
+                    Vec::new(),
+                    step,
+                ))
+            }
+        }
+    }
+
+    /// The statement that records a change refused by ownership, instead of the change.
+    fn violation(
+        &self,
+        quoted: &str,
+        name: &TableName,
+        columns: &[&str],
+        values: &[Datum],
+        step: Step,
+    ) -> (String, Vec<PgText>, Step) {
+        let label = name.to_string();
+        let text = self.lww(quoted, &label, name).violation(columns);
+        let params = columns
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match values.get(i) {
+                Some(Datum::Text(b)) => PgText(Some(b.clone())),
+                Some(Datum::UnchangedToast) => literal("(unchanged TOAST value)".into()),
+                Some(Datum::Binary(_)) => literal("(binary value)".into()),
+                Some(Datum::Null) => PgText(None),
+                None => literal("true".into()),
+            })
+            .collect();
+        (text, params, step)
+    }
+
+    fn conflict_position(&self, desc: &TableDesc, name: &TableName) -> Result<usize, ApplyError> {
+        desc.columns
+            .iter()
+            .position(|c| c == self.conflict_column)
+            .ok_or_else(|| self.no_conflict_column(name))
+    }
+
+    fn no_conflict_column(&self, name: &TableName) -> ApplyError {
+        ApplyError::Malformed(format!(
+            "a change to {name} without the conflict column {}",
+            self.conflict_column
+        ))
+    }
+}
+
+/// For a row-owned table, an SQL expression over the local row `l` naming the node that owns it.
+fn row_owner_sql(rules: &OwnerRules, table: &TableName) -> Option<String> {
+    match rules.rule(table)? {
+        OwnerSpec::Node(_) => None,
+        OwnerSpec::Column(c) => Some(format!("l.{}::text", escape_identifier(c))),
+        OwnerSpec::Key(c) => {
+            let nodes = rules.nodes();
+            let n = nodes.len();
+            let array = nodes
+                .iter()
+                .map(|x| escape_literal(x))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Some(format!(
+                "(ARRAY[{array}]::text[])[pg_catalog.mod(pg_catalog.mod(l.{c}::numeric, {n}) + {n}, {n})::int + 1]",
+                c = escape_identifier(c)
             ))
         }
     }
@@ -637,10 +799,10 @@ fn table_at<'a>(
     set: &'a ChangeSet,
     tables: &'a [(TableName, String)],
     index: u32,
-) -> Result<(&'a TableDesc, &'a str), ApplyError> {
+) -> Result<(&'a TableDesc, &'a str, &'a TableName), ApplyError> {
     let i = index as usize;
     match (set.tables.get(i), tables.get(i)) {
-        (Some(desc), Some((_, quoted))) => Ok((desc, quoted)),
+        (Some(desc), Some((name, quoted))) => Ok((desc, quoted, name)),
         _ => Err(ApplyError::Malformed(format!(
             "a change refers to table #{index}, which the change set does not describe"
         ))),

@@ -21,6 +21,7 @@ use super::{origin_name, Applier, ApplyError, BatchError, RemoteTx};
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::metrics::ReplicationMetrics;
 use crate::migrate::pg_error_text;
+use crate::owners::OwnerRules;
 use crate::peer::{self, Body, FrameError, PeerIdentity, PeerMetrics, ResumeSource, ServerTls};
 use crate::pgoutput::{parse_lsn, pg_epoch_micros, Lsn};
 
@@ -108,6 +109,8 @@ pub struct Receiver {
     pub peer_metrics: PeerMetrics,
     pub metrics: ReplicationMetrics,
     pub progress: OriginProgress,
+    /// The ownership rules every applied change is checked against.
+    pub rules: Arc<OwnerRules>,
     /// Per peer: wakes our shipper to that peer when the peer links in, since a node that
     /// links in is up and our shipper need not wait out its backoff to find out.
     pub wake: HashMap<String, Arc<tokio::sync::Notify>>,
@@ -125,8 +128,10 @@ impl Receiver {
         peer_metrics: PeerMetrics,
         metrics: ReplicationMetrics,
         wake: HashMap<String, Arc<tokio::sync::Notify>>,
+        rules: Arc<OwnerRules>,
     ) -> Receiver {
         Receiver {
+            rules,
             identity,
             nodes,
             tls,
@@ -212,6 +217,10 @@ impl Receiver {
         let (queue, mut inbound) = mpsc::channel::<RemoteTx>(QUEUE);
         let reader_token = token.clone();
         let reader_node = node.clone();
+        let mut skew = ClockSkew::new(
+            self.metrics.peer_clock_skew.with_label_values(&[&node]),
+            Duration::from_millis(self.replication.max_clock_skew_ms),
+        );
         let reader = tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -243,7 +252,13 @@ impl Receiver {
                             break;
                         }
                     }
-                    Ok(Ok(Some(Body::Heartbeat { .. }))) => {}
+                    Ok(Ok(Some(Body::Heartbeat { sent_at_micros }))) => {
+                        skew.observe(
+                            &reader_node,
+                            sent_at_micros,
+                            pg_epoch_micros(SystemTime::now()),
+                        );
+                    }
                     Ok(Ok(Some(other))) => {
                         tracing::warn!(peer = %reader_node, message = other.name(), "unexpected message on the peer link: dropping it");
                         break;
@@ -354,6 +369,8 @@ impl Receiver {
             match Applier::connect(
                 &self.postgres,
                 node,
+                &self.identity.node,
+                self.rules.clone(),
                 self.replication.clone(),
                 self.metrics.clone(),
             )
@@ -368,5 +385,92 @@ impl Receiver {
                 other => return other,
             }
         }
+    }
+}
+
+/// The estimate of one peer's clock offset, from the send times of its heartbeats: the offset
+/// is at most `sent - received` plus the one-way delay, so the smallest of the recent samples
+/// is the closest bound. Warns (at most once a minute) while it is past the configured bound.
+struct ClockSkew {
+    gauge: prometheus::Gauge,
+    bound: Duration,
+    /// `sent - received` of the last heartbeats, in microseconds.
+    samples: std::collections::VecDeque<i64>,
+    last_warning: Option<std::time::Instant>,
+}
+
+/// Heartbeats considered: about a minute of them.
+const SKEW_SAMPLES: usize = 60;
+const SKEW_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+impl ClockSkew {
+    fn new(gauge: prometheus::Gauge, bound: Duration) -> Self {
+        ClockSkew {
+            gauge,
+            bound,
+            samples: std::collections::VecDeque::with_capacity(SKEW_SAMPLES),
+            last_warning: None,
+        }
+    }
+
+    /// One heartbeat sent at `sent` (peer's clock) and received at `received` (ours), both in
+    /// microseconds since 2000-01-01.
+    fn observe(&mut self, peer: &str, sent: i64, received: i64) {
+        if self.samples.len() == SKEW_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(sent.saturating_sub(received));
+        let offset = self.estimate().unwrap_or(0);
+        self.gauge.set(offset as f64 / 1e6);
+        let too_far = offset.unsigned_abs() > self.bound.as_micros() as u64;
+        if too_far
+            && self
+                .last_warning
+                .is_none_or(|t| t.elapsed() >= SKEW_WARNING_EVERY)
+        {
+            self.last_warning = Some(std::time::Instant::now());
+            tracing::warn!(
+                %peer,
+                offset_seconds = offset as f64 / 1e6,
+                bound_seconds = self.bound.as_secs_f64(),
+                "the peer's clock is off from this node's by more than \
+                 [replication] max_clock_skew_ms: last-writer-wins still keeps causally later \
+                 writes, but between concurrent writes the node whose clock runs ahead wins; \
+                 fix the clocks (NTP)"
+            );
+        }
+    }
+
+    /// The sample closest to zero delay: the largest `sent - received` when the peer is behind
+    /// (delay only makes it smaller), the smallest when ahead. Taking the one of least
+    /// magnitude keeps the estimate conservative either way.
+    fn estimate(&self) -> Option<i64> {
+        self.samples
+            .iter()
+            .copied()
+            .min_by_key(|o| o.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_skew_is_the_least_offset_of_the_recent_heartbeats() {
+        let gauge = prometheus::Gauge::new("g", "g").unwrap();
+        let mut skew = ClockSkew::new(gauge.clone(), Duration::from_secs(1));
+        // The peer runs 5 s behind; network delays of 1 to 3 ms.
+        for delay in [3_000, 1_000, 2_000] {
+            skew.observe("c", 10_000_000, 15_000_000 + delay);
+        }
+        assert_eq!(skew.estimate(), Some(-5_001_000));
+        assert!((gauge.get() + 5.001).abs() < 1e-9);
+        assert!(skew.last_warning.is_some(), "5 s is past the 1 s bound");
+        // Old samples roll out.
+        for _ in 0..SKEW_SAMPLES {
+            skew.observe("c", 20_000_000, 20_000_100);
+        }
+        assert_eq!(skew.estimate(), Some(-100));
     }
 }

@@ -15,44 +15,6 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", escape_identifier(schema), escape_identifier(name))
 }
 
-/// INSERT that leaves an existing row alone; the caller sees 0 rows and records the conflict.
-pub fn insert(table: &str, columns: &[&str]) -> String {
-    let mut sql = format!("INSERT INTO {table} (");
-    list(&mut sql, columns, |sql, c, _| {
-        sql.push_str(&escape_identifier(c))
-    });
-    sql.push_str(") VALUES (");
-    list(&mut sql, columns, |sql, _, i| {
-        let _ = write!(sql, "${}", i + 1);
-    });
-    sql.push_str(") ON CONFLICT DO NOTHING");
-    sql
-}
-
-/// UPDATE of `set` columns (parameters `$1..`) of the row whose key (the next parameters) matches.
-pub fn update(table: &str, set: &[&str], key: &[&str]) -> String {
-    let mut sql = format!("UPDATE {table} SET ");
-    list(&mut sql, set, |sql, c, i| {
-        let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
-    });
-    where_key(&mut sql, key, set.len());
-    sql
-}
-
-/// DELETE of the row whose key matches `$1..`.
-pub fn delete(table: &str, key: &[&str]) -> String {
-    let mut sql = format!("DELETE FROM {table}");
-    where_key(&mut sql, key, 0);
-    sql
-}
-
-/// The current local row as jsonb text, for the conflict log.
-pub fn local_row(table: &str, key: &[&str]) -> String {
-    let mut sql = format!("SELECT to_jsonb(t)::text FROM {table} AS t");
-    where_key(&mut sql, key, 0);
-    sql
-}
-
 /// TRUNCATE of already-qualified names, with the origin's options.
 pub fn truncate(tables: &[String], cascade: bool, restart_identity: bool) -> String {
     let mut sql = format!("TRUNCATE {}", tables.join(", "));
@@ -65,90 +27,326 @@ pub fn truncate(tables: &[String], cascade: bool, restart_identity: bool) -> Str
     sql
 }
 
-/// Where a change's conflict goes if it has one: the statements below record it in
-/// `pgmm.conflicts` themselves, in the same statement as the change, so the conflict log and the
-/// data commit together and the apply pipeline never waits for a row count mid-transaction.
-pub struct Conflict<'a> {
-    /// `schema.name` as it is logged.
+/// Who is applying what to which table: everything a last-writer-wins statement needs besides
+/// the columns of the change. Literals are already escaped.
+pub struct Lww<'a> {
+    /// `"schema"."name"`.
     pub table: &'a str,
-    /// The origin node.
+    /// `schema.name` as it is logged.
+    pub label: &'a str,
+    /// The origin node of the change.
     pub origin: &'a str,
+    /// This node.
+    pub here: &'a str,
+    /// The conflict column.
+    pub conflict_column: &'a str,
+    /// For row-owned tables: an SQL expression over the local row `l` that names its owner
+    /// node, so that a change to a row its origin does not own is refused.
+    pub row_owner: Option<String>,
 }
 
-impl Conflict<'_> {
-    /// `INSERT INTO pgmm.conflicts ... SELECT ... WHERE NOT EXISTS (SELECT 1 FROM <cte>)`: logs
-    /// one row when the CTE touched none. The statement's row count is then the number of
-    /// conflicts it recorded (0 or 1).
-    fn log(&self, cte: &str, kind: &str, resolution: &str, local: &str, remote: &str) -> String {
+/// How a change ended up, by the action its statement chose: (action, kind, resolution).
+/// Actions not listed are no conflict.
+const INSERT_OUTCOMES: &str = "('apply_remote', 'insert_exists', 'apply_remote'), \
+     ('keep_local', 'insert_exists', 'keep_local'), \
+     ('deleted', 'update_deleted', 'skip'), \
+     ('violation', 'ownership_violation', 'skip')";
+const UPDATE_OUTCOMES: &str = "('apply_remote', 'update_origin_differs', 'apply_remote'), \
+     ('keep_local', 'update_origin_differs', 'keep_local'), \
+     ('insert', 'update_missing', 'apply_remote'), \
+     ('missing', 'update_missing', 'skip'), \
+     ('deleted', 'update_deleted', 'skip'), \
+     ('violation', 'ownership_violation', 'skip')";
+const DELETE_OUTCOMES: &str = "('apply_remote', 'delete_origin_differs', 'apply_remote'), \
+     ('keep_local', 'delete_origin_differs', 'keep_local'), \
+     ('missing', 'delete_missing', 'skip'), \
+     ('violation', 'ownership_violation', 'skip')";
+
+impl Lww<'_> {
+    fn origin_lit(&self) -> String {
+        escape_literal(self.origin)
+    }
+
+    /// `(ru > cu OR (ru = cu AND origin > co))` in the byte order of node names: whether the
+    /// remote version `(ru, origin)` is newer than `(cu, co)`.
+    fn newer(&self, ru: &str, cu: &str, co: &str) -> String {
+        format!(
+            "({ru} > {cu} OR ({ru} = {cu} AND {} COLLATE \"C\" > {co} COLLATE \"C\"))",
+            self.origin_lit()
+        )
+    }
+
+    /// The local row's version (and owner), locked: `cur(found, u, o[, owner])`.
+    fn cur(&self, key: &[&str], params: &[usize]) -> String {
+        let mut sql = format!(
+            "cur AS (SELECT true AS found, coalesce(l.{u}, '-infinity'::timestamptz) AS u, \
+             pgmm.row_origin(l.xmin, {here}, {origin}) AS o",
+            u = escape_identifier(self.conflict_column),
+            here = escape_literal(self.here),
+            origin = self.origin_lit(),
+        );
+        if let Some(owner) = &self.row_owner {
+            let _ = write!(sql, ", {owner} AS owner");
+        }
+        let _ = write!(sql, " FROM {} AS l", self.table);
+        where_key_params(&mut sql, "l", key, params);
+        sql.push_str(" FOR UPDATE)");
+        sql
+    }
+
+    /// `jsonb_build_array($a::text, ...)`: the tombstone key (see `guard::key_json`).
+    fn key_json(params: &[usize]) -> String {
+        let parts: Vec<String> = params.iter().map(|p| format!("${p}::text")).collect();
+        format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
+    }
+
+    /// The decision of an INSERT or UPDATE: `d(action, found, tomb_u, tomb_o)`.
+    fn decide_write(
+        &self,
+        u_param: usize,
+        old_param: Option<usize>,
+        missing_action: &str,
+        check_owner: bool,
+    ) -> String {
+        let origin = self.origin_lit();
+        let mut sql = format!(
+            "d AS (SELECT CASE \
+             WHEN c.found IS NULL AND t.u IS NOT NULL AND NOT {tomb_newer} THEN 'deleted' \
+             WHEN c.found IS NULL THEN '{missing_action}' ",
+            tomb_newer = self.newer("r.u", "t.u", "t.o"),
+        );
+        if check_owner && self.row_owner.is_some() {
+            let _ = write!(
+                sql,
+                "WHEN c.owner IS DISTINCT FROM {origin} THEN 'violation' "
+            );
+        }
+        let _ = write!(
+            sql,
+            "WHEN {sequential} THEN 'apply' \
+             WHEN {newer} THEN 'apply_remote' ELSE 'keep_local' END AS action, \
+             c.found, t.u AS tomb_u, t.o AS tomb_o \
+             FROM (SELECT coalesce(${u_param}, '-infinity'::timestamptz) AS u) AS r \
+             LEFT JOIN cur AS c ON true LEFT JOIN tomb AS t ON true)",
+            newer = self.newer("r.u", "c.u", "c.o"),
+            sequential = self.sequential(old_param),
+        );
+        sql
+    }
+
+    /// Whether the change follows the local version without a conflict: the local row was
+    /// last written by the change's origin, or the change replaced exactly the local version
+    /// (its writer had seen it). `old_param` holds the replaced version's stamp in
+    /// microseconds, when the origin's trigger announced it.
+    fn sequential(&self, old_param: Option<usize>) -> String {
+        let mut sql = format!("c.o = {}", self.origin_lit());
+        if let Some(p) = old_param {
+            let _ = write!(sql, " OR c.u = {}", micros_param(p));
+        }
+        sql
+    }
+
+    fn tomb(&self, params: &[usize]) -> String {
+        format!(
+            "tomb AS (SELECT t.deleted_at AS u, t.origin AS o FROM pgmm.tombstones AS t \
+             WHERE t.table_name = {} AND t.key = {})",
+            escape_literal(self.label),
+            Self::key_json(params)
+        )
+    }
+
+    /// The conflict log and the statement's result: one `(kind, resolution)` row per conflict.
+    fn log(&self, outcomes: &str, key: &[&str], params: &[usize], remote: &str) -> String {
+        let mut local = format!("(SELECT pg_catalog.to_jsonb(l) FROM {} AS l", self.table);
+        where_key_params(&mut local, "l", key, params);
+        local.push(')');
+        format!(
+            "log AS (INSERT INTO pgmm.conflicts \
+             (table_name, kind, origin, local_tuple, remote_tuple, resolution) \
+             SELECT {label}, k.kind, {origin}, \
+             CASE WHEN d.found THEN {local} \
+             WHEN d.tomb_u IS NOT NULL THEN pg_catalog.jsonb_build_object('deleted_at', d.tomb_u, 'origin', d.tomb_o) END, \
+             {remote}, k.resolution \
+             FROM d JOIN (VALUES {outcomes}) AS k(action, kind, resolution) USING (action) \
+             RETURNING kind, resolution) \
+             SELECT kind, resolution FROM log",
+            label = escape_literal(self.label),
+            origin = self.origin_lit(),
+        )
+    }
+
+    /// A remote INSERT of `columns` (parameters `$1..` in column order; `key` and `u` index
+    /// them): inserted when the key is free and no newer tombstone holds it; over an existing
+    /// row, the newer version wins (`insert_exists`).
+    pub fn insert(&self, columns: &[&str], key: &[usize], u: usize) -> String {
+        let key_names: Vec<&str> = key.iter().map(|&k| columns[k]).collect();
+        let key_params: Vec<usize> = key.iter().map(|k| k + 1).collect();
+        let cur = self.cur(&key_names, &key_params);
+        let tomb = self.tomb(&key_params);
+        let params: Vec<usize> = (1..=columns.len()).collect();
+        let values: Vec<String> = params.iter().map(|p| format!("${p}")).collect();
+        let mut set = String::new();
+        list(&mut set, columns, |sql, c, i| {
+            let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
+        });
+        let mut upd = format!("upd AS (UPDATE {} AS l SET {set}", self.table);
+        where_key_params(&mut upd, "l", &key_names, &key_params);
+        upd.push_str(
+            " AND EXISTS (SELECT 1 FROM d WHERE d.action IN ('apply', 'apply_remote')) RETURNING 1)",
+        );
+        let log = self.log(
+            INSERT_OUTCOMES,
+            &key_names,
+            &key_params,
+            &json_object(columns, &params),
+        );
+        format!(
+            "WITH {cur}, {tomb}, {d}, \
+             ins AS (INSERT INTO {table} ({cols}) SELECT {values} FROM d WHERE d.action = 'insert' \
+             ON CONFLICT DO NOTHING RETURNING 1), {upd}, {log}",
+            d = self.decide_write(u + 1, None, "insert", false),
+            table = self.table,
+            cols = columns
+                .iter()
+                .map(|c| escape_identifier(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            values = values.join(", "),
+        )
+    }
+
+    /// A remote UPDATE of the `set` columns (`$1..`; `u` indexes them) of the row whose key
+    /// (`key`, the next parameters) matches; the last parameter is the replaced version's stamp
+    /// (microseconds as text, or NULL). A missing row is inserted when `set` is the whole
+    /// row (`insert_missing`) and no newer tombstone holds the key; a row its origin does not
+    /// own is refused.
+    pub fn update(&self, set: &[&str], key: &[&str], u: usize, insert_missing: bool) -> String {
+        let key_params: Vec<usize> = (set.len() + 1..=set.len() + key.len()).collect();
+        let cur = self.cur(key, &key_params);
+        let tomb = self.tomb(&key_params);
+        let params: Vec<usize> = (1..=set.len()).collect();
+        let mut assignments = String::new();
+        list(&mut assignments, set, |sql, c, i| {
+            let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
+        });
+        let mut upd = format!("upd AS (UPDATE {} AS l SET {assignments}", self.table);
+        where_key_params(&mut upd, "l", key, &key_params);
+        upd.push_str(
+            " AND EXISTS (SELECT 1 FROM d WHERE d.action IN ('apply', 'apply_remote')) RETURNING 1)",
+        );
+        let ins = if insert_missing {
+            let values: Vec<String> = params.iter().map(|p| format!("${p}")).collect();
+            format!(
+                ", ins AS (INSERT INTO {} ({}) SELECT {} FROM d WHERE d.action = 'insert' \
+                 ON CONFLICT DO NOTHING RETURNING 1)",
+                self.table,
+                set.iter()
+                    .map(|c| escape_identifier(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                values.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        let missing = if insert_missing { "insert" } else { "missing" };
+        format!(
+            "WITH {cur}, {tomb}, {d}, {upd}{ins}, {log}",
+            d = self.decide_write(u + 1, Some(set.len() + key.len() + 1), missing, true),
+            log = self.log(
+                UPDATE_OUTCOMES,
+                key,
+                &key_params,
+                &json_object(set, &params)
+            ),
+        )
+    }
+
+    /// A remote DELETE of the row whose key matches `$1..`; `$<key.len() + 1>` is the delete's
+    /// stamp and `$<key.len() + 2>` the deleted version's (or NULL), in microseconds since
+    /// 2000-01-01 UTC as text. The newer version wins against a
+    /// row another node wrote; a tombstone records the delete either way it is applied (and
+    /// when the row is already gone), so a late older write cannot bring the row back.
+    pub fn delete(&self, key: &[&str]) -> String {
+        let origin = self.origin_lit();
+        let stamp = key.len() + 1;
+        let key_params: Vec<usize> = (1..=key.len()).collect();
+        let cur = self.cur(key, &key_params);
+        let mut d = String::from("d AS (SELECT CASE WHEN c.found IS NULL THEN 'missing' ");
+        if self.row_owner.is_some() {
+            let _ = write!(
+                d,
+                "WHEN c.owner IS DISTINCT FROM {origin} THEN 'violation' "
+            );
+        }
+        let _ = write!(
+            d,
+            "WHEN {sequential} THEN 'apply' \
+             WHEN {newer} THEN 'apply_remote' ELSE 'keep_local' END AS action, \
+             c.found, NULL::timestamptz AS tomb_u, NULL::text AS tomb_o, r.u AS ru \
+             FROM (SELECT {stamp} AS u) AS r LEFT JOIN cur AS c ON true)",
+            newer = self.newer("r.u", "c.u", "c.o"),
+            sequential = self.sequential(Some(key.len() + 2)),
+            stamp = micros_param(stamp),
+        );
+        let mut del = format!("del AS (DELETE FROM {} AS l", self.table);
+        where_key_params(&mut del, "l", key, &key_params);
+        del.push_str(
+            " AND EXISTS (SELECT 1 FROM d WHERE d.action IN ('apply', 'apply_remote')) RETURNING 1)",
+        );
+        let tombstone = format!(
+            "tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
+             SELECT {label}, {key_json}, d.ru, {origin} FROM d \
+             WHERE d.action IN ('apply', 'apply_remote', 'missing') \
+             ON CONFLICT (table_name, key) DO UPDATE \
+             SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin, local_lsn = EXCLUDED.local_lsn \
+             WHERE EXCLUDED.deleted_at > x.deleted_at OR (EXCLUDED.deleted_at = x.deleted_at \
+             AND EXCLUDED.origin COLLATE \"C\" > x.origin COLLATE \"C\") RETURNING 1)",
+            label = escape_literal(self.label),
+            key_json = Self::key_json(&key_params),
+        );
+        let remote = format!(
+            "{} || pg_catalog.jsonb_build_object('deleted_at', d.ru)",
+            json_object(key, &key_params)
+        );
+        format!(
+            "WITH {cur}, {d}, {del}, {tombstone}, {log}",
+            log = self.log(DELETE_OUTCOMES, key, &key_params, &remote),
+        )
+    }
+
+    /// Records a change refused before it ran (its origin may not make it): the remote tuple's
+    /// `columns` are `$1..` as text.
+    pub fn violation(&self, columns: &[&str]) -> String {
+        let pairs: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{}, ${}::text", escape_literal(c), i + 1))
+            .collect();
+        let remote = if pairs.is_empty() {
+            "'{}'::jsonb".to_owned()
+        } else {
+            pairs
+                .chunks(50)
+                .map(|chunk| format!("pg_catalog.jsonb_build_object({})", chunk.join(", ")))
+                .collect::<Vec<_>>()
+                .join(" || ")
+        };
         format!(
             "INSERT INTO pgmm.conflicts \
              (table_name, kind, origin, local_tuple, remote_tuple, resolution) \
-             SELECT {}, {}, {}, {local}, {remote}, {} WHERE NOT EXISTS (SELECT 1 FROM {cte})",
-            escape_literal(self.table),
-            escape_literal(kind),
-            escape_literal(self.origin),
-            escape_literal(resolution),
+             VALUES ({}, 'ownership_violation', {}, NULL, {remote}, 'skip') \
+             RETURNING kind, resolution",
+            escape_literal(self.label),
+            self.origin_lit()
         )
     }
 }
 
-/// [`insert`] that records `insert_exists` (keeping the local row, logged as it was) instead of
-/// failing on an existing key. `key` are the key columns' parameter numbers' columns, in order.
-pub fn insert_logged(table: &str, columns: &[&str], key: &[usize], c: &Conflict<'_>) -> String {
-    let key_names: Vec<&str> = key.iter().map(|&k| columns[k]).collect();
-    let mut local = format!("(SELECT to_jsonb(l) FROM {table} AS l");
-    // The key's values are the inserted row's own parameters.
-    local.push_str(" WHERE ");
-    for (i, (&k, name)) in key.iter().zip(&key_names).enumerate() {
-        if i > 0 {
-            local.push_str(" AND ");
-        }
-        let _ = write!(local, "l.{} = ${}", escape_identifier(name), k + 1);
-    }
-    local.push(')');
-    let params: Vec<usize> = (1..=columns.len()).collect();
+/// `$p` (microseconds since 2000-01-01 UTC, as text) as a timestamptz.
+fn micros_param(p: usize) -> String {
     format!(
-        "WITH applied AS ({} RETURNING 1) {}",
-        insert(table, columns),
-        c.log(
-            "applied",
-            "insert_exists",
-            "keep_local",
-            &local,
-            &json_object(columns, &params)
-        )
-    )
-}
-
-/// [`update`] that records `update_missing` (skipped) when no row has the key.
-pub fn update_logged(table: &str, set: &[&str], key: &[&str], c: &Conflict<'_>) -> String {
-    let params: Vec<usize> = (1..=set.len()).collect();
-    format!(
-        "WITH applied AS ({} RETURNING 1) {}",
-        update(table, set, key),
-        c.log(
-            "applied",
-            "update_missing",
-            "skip",
-            "NULL",
-            &json_object(set, &params)
-        )
-    )
-}
-
-/// [`delete`] that records `delete_missing` (skipped) when no row has the key.
-pub fn delete_logged(table: &str, key: &[&str], c: &Conflict<'_>) -> String {
-    let params: Vec<usize> = (1..=key.len()).collect();
-    format!(
-        "WITH applied AS ({} RETURNING 1) {}",
-        delete(table, key),
-        c.log(
-            "applied",
-            "delete_missing",
-            "skip",
-            "NULL",
-            &json_object(key, &params)
-        )
+        "(timestamptz '2000-01-01 00:00:00+00' + ${p}::text::bigint * interval '1 microsecond')"
     )
 }
 
@@ -169,13 +367,14 @@ fn json_object(columns: &[&str], params: &[usize]) -> String {
         .join(" || ")
 }
 
-fn where_key(sql: &mut String, key: &[&str], offset: usize) {
+/// ` WHERE alias."k1" = $p1 AND ...` for key columns and their parameter numbers.
+fn where_key_params(sql: &mut String, alias: &str, key: &[&str], params: &[usize]) {
     sql.push_str(" WHERE ");
-    for (i, c) in key.iter().enumerate() {
+    for (i, (c, p)) in key.iter().zip(params).enumerate() {
         if i > 0 {
             sql.push_str(" AND ");
         }
-        let _ = write!(sql, "{} = ${}", escape_identifier(c), offset + i + 1);
+        let _ = write!(sql, "{alias}.{} = ${p}", escape_identifier(c));
     }
 }
 
@@ -192,26 +391,21 @@ fn list(sql: &mut String, items: &[&str], mut each: impl FnMut(&mut String, &str
 mod tests {
     use super::*;
 
+    fn lww(row_owner: Option<String>) -> Lww<'static> {
+        Lww {
+            table: "\"public\".\"t\"",
+            label: "public.t",
+            origin: "b",
+            here: "a",
+            conflict_column: "updated_at",
+            row_owner,
+        }
+    }
+
     #[test]
-    fn statements_quote_every_identifier_and_number_parameters_in_order() {
+    fn identifiers_are_quoted_and_truncate_keeps_its_options() {
         let t = qualified("public", "Odd \"name\"");
         assert_eq!(t, "\"public\".\"Odd \"\"name\"\"\"");
-        assert_eq!(
-            insert("\"s\".\"t\"", &["id", "v"]),
-            "INSERT INTO \"s\".\"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT DO NOTHING"
-        );
-        assert_eq!(
-            update("\"s\".\"t\"", &["v", "updated_at"], &["id", "k"]),
-            "UPDATE \"s\".\"t\" SET \"v\" = $1, \"updated_at\" = $2 WHERE \"id\" = $3 AND \"k\" = $4"
-        );
-        assert_eq!(
-            delete("\"s\".\"t\"", &["id"]),
-            "DELETE FROM \"s\".\"t\" WHERE \"id\" = $1"
-        );
-        assert_eq!(
-            local_row("\"s\".\"t\"", &["id"]),
-            "SELECT to_jsonb(t)::text FROM \"s\".\"t\" AS t WHERE \"id\" = $1"
-        );
         assert_eq!(
             truncate(&["\"a\".\"b\"".into(), "\"a\".\"c\"".into()], true, true),
             "TRUNCATE \"a\".\"b\", \"a\".\"c\" RESTART IDENTITY CASCADE"
@@ -220,30 +414,65 @@ mod tests {
     }
 
     #[test]
-    fn logged_statements_record_their_own_conflict() {
-        let c = Conflict {
-            table: "public.t",
-            origin: "b",
-        };
-        assert_eq!(
-            update_logged("T", &["v", "id"], &["id"], &c),
-            "WITH applied AS (UPDATE T SET \"v\" = $1, \"id\" = $2 WHERE \"id\" = $3 RETURNING 1) \
-             INSERT INTO pgmm.conflicts (table_name, kind, origin, local_tuple, remote_tuple, resolution) \
-             SELECT 'public.t', 'update_missing', 'b', NULL, jsonb_build_object('v', $1, 'id', $2), 'skip' \
-             WHERE NOT EXISTS (SELECT 1 FROM applied)"
-        );
-        let ins = insert_logged("T", &["id", "v"], &[0], &c);
-        assert!(ins.contains("ON CONFLICT DO NOTHING RETURNING 1)"), "{ins}");
+    fn an_insert_looks_up_its_key_where_it_is_among_the_columns() {
+        let sql = lww(None).insert(&["v", "id", "updated_at"], &[1], 2);
         assert!(
-            ins.contains(
-                "'insert_exists', 'b', (SELECT to_jsonb(l) FROM T AS l WHERE l.\"id\" = $1)"
-            ),
-            "{ins}"
+            sql.contains("FROM \"public\".\"t\" AS l WHERE l.\"id\" = $2 FOR UPDATE"),
+            "{sql}"
         );
-        let del = delete_logged("T", &["k1", "k2"], &c);
+        assert!(sql.contains("jsonb_build_array($2::text)"), "{sql}");
         assert!(
-            del.contains("jsonb_build_object('k1', $1, 'k2', $2), 'skip'"),
-            "{del}"
+            sql.contains("coalesce($3, '-infinity'::timestamptz)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("SELECT $1, $2, $3 FROM d WHERE d.action = 'insert'"),
+            "{sql}"
+        );
+        assert!(sql.contains("'insert_exists', 'keep_local'"), "{sql}");
+        assert!(
+            sql.contains("'b' COLLATE \"C\" > c.o COLLATE \"C\""),
+            "{sql}"
+        );
+        assert!(!sql.contains("violation' WHEN"), "{sql}");
+    }
+
+    #[test]
+    fn an_update_numbers_its_key_after_the_set_columns_and_checks_the_row_owner() {
+        let sql =
+            lww(Some("l.\"home\"::text".into())).update(&["v", "updated_at"], &["id"], 1, false);
+        assert!(
+            sql.contains("SET \"v\" = $1, \"updated_at\" = $2 WHERE l.\"id\" = $3"),
+            "{sql}"
+        );
+        assert!(sql.contains("l.\"home\"::text AS owner"), "{sql}");
+        assert!(
+            sql.contains("WHEN c.owner IS DISTINCT FROM 'b' THEN 'violation'"),
+            "{sql}"
+        );
+        assert!(sql.contains("THEN 'missing'"), "{sql}");
+        assert!(!sql.contains("ins AS"), "{sql}");
+        let whole = lww(None).update(&["id", "v", "updated_at"], &["id"], 2, true);
+        assert!(whole.contains("ins AS (INSERT INTO"), "{whole}");
+        assert!(whole.contains("WHERE l.\"id\" = $4"), "{whole}");
+    }
+
+    #[test]
+    fn a_delete_leaves_a_tombstone_stamped_by_its_origin() {
+        let sql = lww(None).delete(&["k1", "k2"]);
+        assert!(
+            sql.contains("$3::text::bigint * interval '1 microsecond'"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("jsonb_build_array($1::text, $2::text), d.ru, 'b'"),
+            "{sql}"
+        );
+        assert!(sql.contains("'delete_missing', 'skip'"), "{sql}");
+        let v = lww(None).violation(&["id", "v"]);
+        assert!(
+            v.contains("jsonb_build_object('id', $1::text, 'v', $2::text)"),
+            "{v}"
         );
         let wide: Vec<String> = (0..120).map(|i| format!("c{i}")).collect();
         let wide: Vec<&str> = wide.iter().map(String::as_str).collect();

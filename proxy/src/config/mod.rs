@@ -23,6 +23,10 @@ pub const DEFAULT_POOL_SIZE: usize = 4;
 pub const DEFAULT_CONFLICT_COLUMN: &str = "updated_at";
 /// Default seconds between checks for newly created tables to enrol.
 pub const DEFAULT_ENROL_INTERVAL_SECONDS: u64 = 10;
+/// Tombstones are kept a week: far longer than any peer should stay unreachable.
+pub const DEFAULT_TOMBSTONE_RETENTION_HOURS: u64 = 7 * 24;
+/// Beyond a second of skew, last-writer-wins between truly concurrent writes gets arbitrary.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 1000;
 /// Port libpq and tokio-postgres assume when the URL names none.
 const DEFAULT_POSTGRES_PORT: u16 = 5432;
 
@@ -121,6 +125,10 @@ pub struct ReplicationConfig {
     pub conflict_column: String,
     /// Seconds between enrolment checks; DDL seen at the front door triggers one sooner.
     pub enrol_interval_seconds: u64,
+    /// Hours a tombstone is kept at least (it is also kept until every peer acknowledged past it).
+    pub tombstone_retention_hours: u64,
+    /// A peer whose clock is estimated further off than this (milliseconds) is warned about.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -129,6 +137,8 @@ impl Default for ReplicationConfig {
             tables: Vec::new(),
             conflict_column: DEFAULT_CONFLICT_COLUMN.to_owned(),
             enrol_interval_seconds: DEFAULT_ENROL_INTERVAL_SECONDS,
+            tombstone_retention_hours: DEFAULT_TOMBSTONE_RETENTION_HOURS,
+            max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
         }
     }
 }

@@ -11,8 +11,9 @@ use toml::Spanned;
 use super::{
     postgres_host_port, ClientConfig, ClusterConfig, Config, ConfigError, MetricsConfig,
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
-    ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS, DEFAULT_POOL_SIZE,
-    DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS,
+    DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    DEFAULT_TOMBSTONE_RETENTION_HOURS,
 };
 use crate::table::TableName;
 
@@ -98,6 +99,8 @@ struct RawReplication {
     tables: Vec<Spanned<String>>,
     conflict_column: Option<Spanned<String>>,
     enrol_interval_seconds: Option<Spanned<u64>>,
+    tombstone_retention_hours: Option<Spanned<u64>>,
+    max_clock_skew_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -413,10 +416,35 @@ fn check_replication(
         Some(v) => v.into_inner(),
         None => DEFAULT_ENROL_INTERVAL_SECONDS,
     };
+    let tombstone_retention_hours =
+        match raw.tombstone_retention_hours {
+            Some(v) if *v.get_ref() == 0 => return Err(src.invalid(
+                &v.span(),
+                "replication.tombstone_retention_hours",
+                "must be at least 1: a tombstone must outlive any change still on its way from \
+                 a peer"
+                    .to_owned(),
+            )),
+            Some(v) => v.into_inner(),
+            None => DEFAULT_TOMBSTONE_RETENTION_HOURS,
+        };
+    let max_clock_skew_ms = match raw.max_clock_skew_ms {
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(src.invalid(
+                &v.span(),
+                "replication.max_clock_skew_ms",
+                "must be at least 1 (milliseconds of clock offset before a warning)".to_owned(),
+            ))
+        }
+        Some(v) => v.into_inner(),
+        None => DEFAULT_MAX_CLOCK_SKEW_MS,
+    };
     Ok(ReplicationConfig {
         tables,
         conflict_column,
         enrol_interval_seconds,
+        tombstone_retention_hours,
+        max_clock_skew_ms,
     })
 }
 
