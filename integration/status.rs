@@ -9,7 +9,10 @@ mod harness;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use harness::{http_get, run_command, wait_for, ClusterOptions, TestCluster};
+use harness::{
+    http_get, run_command, wait_for, ClusterOptions, PgCluster, Pgmm, PgmmOptions, TestCluster,
+};
+use rustix::process::{kill_process, Pid, Signal};
 use serde_json::Value;
 
 const COLUMNS: &str = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
@@ -196,4 +199,43 @@ fn status_and_readyz_report_peers_conflicts_refusals_and_a_killed_peer() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_node_without_peers_is_ready_while_its_postgres_answers() {
+    let pg = PgCluster::start();
+    let pgmm = Pgmm::start(&pg, PgmmOptions::default());
+    let port = pgmm.metrics_port();
+    assert_eq!(http_get(port, "/readyz"), Some((200, "ready\n".to_owned())));
+
+    // Stop its Postgres (fast shutdown of the postmaster named in postmaster.pid).
+    let pid_file =
+        std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).expect("read postmaster.pid");
+    let pid: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    kill_process(Pid::from_raw(pid).unwrap(), Signal::INT).expect("signal the postmaster");
+    let body = wait_for("/readyz to turn 503", WAIT, || {
+        match http_get(port, "/readyz") {
+            Some((503, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(body.starts_with("not ready: postgres: "), "{body}");
+
+    // `pgmm status` still prints the node's own view, says the database is unreadable, and
+    // exits 1.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmm"));
+    cmd.arg("status").arg("--config").arg(pgmm.config_path());
+    let out = run_command(&mut cmd, None, COMMAND_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("no peers configured"), "{stdout}");
+    assert!(
+        stdout.contains("conflicts in the last hour: unknown (database unreadable)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("pgmm status: database ([postgres] url): cannot connect"),
+        "{stderr}"
+    );
 }
