@@ -7,10 +7,10 @@
 //! to. The tables exist on every node before any pgmm starts: DDL is not replicated, and the
 //! start-up enrolment publishes them before the first write can happen.
 //!
-//! The schema shows each way a table can be written: `demo.items` is shared (any node writes,
-//! conflicts are logged and resolved), `demo.owned_by_<node>` is owned by one node (the others'
-//! front doors refuse writes to it), and `demo.accounts` is owned row by row through its
-//! `home_node` column. `--workload` (module `workload`) keeps every node writing and prints a
+//! The schema shows each way a table can be written: `demo.items` is shared (any node writes;
+//! colliding writes are conflicts, logged in `pgmm.conflicts`), `demo.owned_by_<node>` is
+//! owned by one node (the others' front doors refuse writes to it), and `demo.accounts` is
+//! owned row by row through its `home_node` column. `--workload` (module `workload`) keeps every node writing and prints a
 //! line per second, so replication, lag and conflicts can be watched without typing SQL.
 //!
 //! Design note: the pgmm nodes run inside this process (with [`crate::cli::run_node`], one
