@@ -1,7 +1,9 @@
-//! End-to-end test of `pgmm demo`: the freshly built binary starts a 2-node demo, each printed URL
-//! answers through pgmm, ownership is enforced per node, and SIGTERM leaves neither a process nor
-//! the temporary directory behind. Self-contained on purpose: it drives the binary the way a
-//! newcomer (or a script) would, reading only what the demo prints.
+//! End-to-end tests of `pgmm demo`: the freshly built binary starts a 3-node demo, each printed
+//! URL answers through pgmm, ownership is enforced per node, a row written through the first
+//! node is read through the last, and SIGTERM leaves neither a process nor the temporary
+//! directory behind; `--workload` prints live lines showing every node's rows. Self-contained on
+//! purpose: they drive the binary the way a newcomer (or a script) would, reading only what the
+//! demo prints.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use tokio_postgres::{Client, NoTls};
 /// Generous: a debug build initdb's and starts two clusters on a shared 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a replicated row or a workload line may take to show up.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(60);
 const HINT_PREFIX: &str = "Ctrl-C stops the demo and removes ";
 const OWNED_BY_B: &str =
     r#"table "demo.owned_by_b" is owned by node "b"; write it through node "b""#;
@@ -30,10 +34,12 @@ struct Demo {
 }
 
 impl Demo {
-    fn start(nodes: usize) -> Demo {
+    fn start(args: &[&str]) -> Demo {
+        // The demo's own log filter, as a newcomer gets it.
         let mut child = Command::new(env!("CARGO_BIN_EXE_pgmm"))
-            .args(["demo", "--nodes", &nodes.to_string()])
-            .env("RUST_LOG", "warn")
+            .arg("demo")
+            .args(args)
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,6 +105,19 @@ impl Demo {
                 if url.starts_with("postgres://") {
                     urls.push((name.to_owned(), url.to_owned()));
                 }
+            }
+        }
+    }
+
+    /// The next stdout line after the URLs (the workload's live lines), or `None` at the
+    /// deadline.
+    fn next_line(&self, deadline: Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.stdout.recv_timeout(left) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("pgmm demo closed stdout; stderr:\n{}", self.stderr())
             }
         }
     }
@@ -181,18 +200,50 @@ fn processes_in(dir: &Path) -> Vec<String> {
     found
 }
 
+/// Polls `sql` through `client` until it returns `expected` as text, or panics after
+/// [`REPLICATION_TIMEOUT`] with what it saw last.
+async fn wait_value(client: &Client, url: &str, sql: &str, expected: &str) {
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let seen = match client.simple_query(sql).await {
+            Ok(messages) => messages
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some(row.get(0).unwrap_or("NULL").to_owned())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| "no row".to_owned()),
+            Err(e) => format!("error: {e}"),
+        };
+        if seen == expected {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{sql} through {url} still gives {seen:?}, not {expected:?}, after \
+                 {REPLICATION_TIMEOUT:?}"
+            );
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn demo_serves_every_node_enforces_ownership_and_cleans_up_on_sigterm() {
-    let mut demo = Demo::start(2);
+fn demo_replicates_enforces_ownership_and_cleans_up_on_sigterm() {
+    let mut demo = Demo::start(&["--nodes", "3"]);
     let (urls, dir) = demo.endpoints();
     let names: Vec<&str> = urls.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["a", "b"], "URL lines: {urls:?}");
+    assert_eq!(names, ["a", "b", "c"], "URL lines: {urls:?}");
     assert!(
         dir.is_dir(),
         "{} should exist while the demo runs",
         dir.display()
     );
-    let (url_a, url_b) = (&urls[0].1, &urls[1].1);
+    let (url_a, url_b, url_c) = (&urls[0].1, &urls[1].1, &urls[2].1);
 
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     // Kept open across SIGTERM: an idle psql left behind must not keep the demo from stopping.
@@ -226,6 +277,26 @@ fn demo_serves_every_node_enforces_ownership_and_cleans_up_on_sigterm() {
             .expect("read back")
             .get(0);
         assert_eq!(v, "through b");
+
+        // Written through the first node, read through the last: the nodes replicate.
+        let c = connect(url_c).await;
+        a.batch_execute("insert into demo.items (id, v) values (2, 'replicated')")
+            .await
+            .expect("write through node a");
+        wait_value(
+            &c,
+            url_c,
+            "select v from demo.items where id = 2",
+            "replicated",
+        )
+        .await;
+        wait_value(
+            &c,
+            url_c,
+            "select v from demo.owned_by_b where id = 1",
+            "through b",
+        )
+        .await;
         a
     });
 
@@ -242,4 +313,73 @@ fn demo_serves_every_node_enforces_ownership_and_cleans_up_on_sigterm() {
     );
     let left = processes_in(&dir);
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+/// The rows per node of a workload line (`[  3s] demo.items rows: a 16 b 17 | lag: ...`).
+fn workload_rows(line: &str) -> Option<Vec<(String, u64)>> {
+    let rows = line.split_once("demo.items rows:")?.1.split('|').next()?;
+    let words: Vec<&str> = rows.split_whitespace().collect();
+    words
+        .chunks(2)
+        .map(|pair| match pair {
+            [name, count] => Some((name.to_string(), count.parse().ok()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn demo_workload_writes_on_every_node_and_prints_live_lines() {
+    let mut demo = Demo::start(&["--nodes", "2", "--workload"]);
+    let (urls, dir) = demo.endpoints();
+    assert_eq!(urls.len(), 2, "URL lines: {urls:?}");
+    // Each node inserts about five rows a second; wait for lines showing both nodes' counts
+    // growing with no link down.
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        let Some(line) = demo.next_line(deadline) else {
+            panic!(
+                "no workload line with every node's rows past 40 within {REPLICATION_TIMEOUT:?}; \
+                 lines: {seen:#?}\nstderr:\n{}",
+                demo.stderr()
+            );
+        };
+        let rows = workload_rows(&line);
+        seen.push(line.clone());
+        let Some(rows) = rows else { continue };
+        assert_eq!(
+            rows.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "b"],
+            "{line}"
+        );
+        assert!(
+            line.contains(" | lag: a ") && line.contains(" | conflicts: a "),
+            "{line}"
+        );
+        if rows.iter().all(|(_, count)| *count > 40) && !line.contains("links down") {
+            break;
+        }
+    }
+    // And what node a's workload wrote is read through node b.
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let url_b = &urls[1].1;
+        let b = connect(url_b).await;
+        wait_value(
+            &b,
+            url_b,
+            "select count(*) > 0 from demo.items where v like 'from a, round %'",
+            "t",
+        )
+        .await;
+    });
+    let status = demo.terminate();
+    assert!(
+        status.success(),
+        "exit {status}; stderr:\n{}",
+        demo.stderr()
+    );
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    assert!(processes_in(&dir).is_empty());
 }

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::classify::Classifier;
 use crate::config::{Config, OwnerSpec};
+use crate::last_hour::LastHour;
 use crate::metrics::FrontDoorMetrics;
 use crate::ownership::Ownership;
 use crate::session;
@@ -103,6 +104,9 @@ pub struct FrontDoor {
     /// Signalled when a session runs DDL, so that enrolment looks for new tables at once
     /// instead of at its next period.
     pub ddl_seen: Arc<Notify>,
+    /// Writes refused here in the last hour, for `pgmm status` (the counter
+    /// `pgmm_ownership_rejections_total` has no notion of "recent").
+    pub refusals: Arc<LastHour>,
 }
 
 impl FrontDoor {
@@ -127,6 +131,7 @@ impl FrontDoor {
             // Postgres's own authentication_timeout default.
             startup_timeout: Duration::from_secs(60),
             ddl_seen: Arc::new(Notify::new()),
+            refusals: Arc::new(LastHour::new()),
         })
     }
 }

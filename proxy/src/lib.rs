@@ -2,6 +2,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the modules and the data flow.
 
+pub mod admin;
 pub mod apply;
 pub mod capture;
 pub mod changeset;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod enrol;
 pub mod frontdoor;
 pub mod guard;
+pub mod last_hour;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
@@ -19,9 +21,11 @@ pub mod owners;
 pub mod ownership;
 pub mod peer;
 pub mod pgoutput;
+pub mod readiness;
 pub mod refusal;
 pub mod replication;
 pub mod session;
+pub mod status;
 pub mod table;
 pub mod tls;
 pub mod wire;

@@ -1,11 +1,10 @@
-//! Prometheus metrics and the HTTP endpoint that serves them.
+//! Prometheus metrics and the `/metrics` route that serves them (the endpoint is `admin`).
 //!
 //! Every metric lives in a [`prometheus::Registry`] owned by the running node and passed down
 //! explicitly (never the crate's global default registry), so several nodes can run in one
 //! test process. Hot-path counters are resolved to handles once, at start, so a query costs
 //! one atomic add rather than a label lookup.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -19,7 +18,6 @@ use prometheus::{
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::classify::QueryKind;
 
@@ -300,19 +298,11 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
         })
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
+/// The `/metrics` and `/healthz` routes; `admin::serve` serves them beside `/readyz` and
+/// `/status`.
+pub fn routes(registry: Arc<Registry>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(registry);
-    let local: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "metrics endpoint listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        .with_state(registry)
 }

@@ -380,6 +380,7 @@ fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
                 .ownership_rejections
                 .with_label_values(&[&e.table().to_string()])
                 .inc();
+            door.refusals.record();
             tracing::debug!(error = %e, "write refused at the front door");
             Some(e.to_string())
         }

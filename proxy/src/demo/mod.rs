@@ -1,9 +1,17 @@
 //! `pgmm demo`: a local cluster in one command, for someone trying pgmm for the first time.
 //!
-//! It initdb's one Postgres per node in a temporary directory, starts them, creates the `demo`
-//! schema on each, and runs one pgmm node in front of each Postgres, then prints the URLs to
-//! connect to. This first version has no replication: the nodes are independent, but the
-//! ownership rules already work, so a write to another node's table is refused.
+//! It initdb's one Postgres per node in a temporary directory (with the settings replication
+//! needs: `wal_level = logical`, `track_commit_timestamp = on`, a slot and WAL sender per
+//! peer), starts them, creates the `demo` schema on each, and runs one pgmm node in front of
+//! each Postgres, fully meshed with a generated shared secret, then prints the URLs to connect
+//! to. The tables exist on every node before any pgmm starts: DDL is not replicated, and the
+//! start-up enrolment publishes them before the first write can happen.
+//!
+//! The schema shows each way a table can be written: `demo.items` is shared (any node writes;
+//! colliding writes are conflicts, logged in `pgmm.conflicts`), `demo.owned_by_<node>` is
+//! owned by one node (the others' front doors refuse writes to it), and `demo.accounts` is
+//! owned row by row through its `home_node` column. `--workload` (module `workload`) keeps every node writing and prints a
+//! line per second, so replication, lag and conflicts can be watched without typing SQL.
 //!
 //! Design note: the pgmm nodes run inside this process (with [`crate::cli::run_node`], one
 //! shared cancellation token) rather than as `pgmm serve` child processes, so that there is
@@ -13,14 +21,17 @@
 //! anywhere during start-up unwinds through the same guard (`postgres::Workspace`).
 
 mod postgres;
+mod workload;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -30,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{run_node, ServeError};
 use crate::config::{Config, ConfigError};
+use crate::status::http;
 use postgres::{Server, Workspace};
 
 /// The most nodes the demo starts: node names are single letters, and each node is a whole
@@ -38,8 +50,12 @@ pub const MAX_NODES: usize = 9;
 /// Seconds open client sessions get to finish when the demo stops; short, because the person
 /// who pressed Ctrl-C wants the prompt back.
 const CLIENT_GRACE_SECONDS: u64 = 2;
-/// How long the pgmm nodes may take to start listening, and to stop.
+/// How long the pgmm nodes may take to start listening, to link to each other, and to stop.
 const NODE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Random bytes in the generated peer secret (written hex-encoded; pgmm wants at least 16).
+const SECRET_BYTES: usize = 32;
+/// Ports each node listens on: Postgres, the front door, metrics, the peer link.
+const PORTS_PER_NODE: usize = 4;
 
 /// Why the demo could not start, or stopped abnormally.
 #[derive(Debug, Error)]
@@ -101,6 +117,8 @@ pub enum DemoError {
     NodeStopped { node: String, detail: String },
     #[error("pgmm node {node} did not answer a query on {addr} within {NODE_TIMEOUT:?}")]
     NotServing { node: String, addr: String },
+    #[error("cannot generate the cluster secret: the system random source failed")]
+    Random,
     #[error("cleaning up: {0}")]
     Cleanup(String),
 }
@@ -123,8 +141,8 @@ impl DemoError {
     }
 }
 
-/// `pgmm demo --nodes N`: runs the demo until SIGINT or SIGTERM.
-pub fn main(nodes: usize) -> ExitCode {
+/// `pgmm demo --nodes N [--workload]`: runs the demo until SIGINT or SIGTERM.
+pub fn main(nodes: usize, workload: bool) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,7 +153,7 @@ pub fn main(nodes: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(nodes)) {
+    match runtime.block_on(run(nodes, workload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgmm demo: {e}");
@@ -146,12 +164,12 @@ pub fn main(nodes: usize) -> ExitCode {
 
 /// Starts the demo, prints how to reach it, and runs until SIGINT or SIGTERM; everything
 /// started is stopped and the directory removed before this returns, also on error.
-pub async fn run(nodes: usize) -> Result<(), DemoError> {
+pub async fn run(nodes: usize, workload: bool) -> Result<(), DemoError> {
     let names = node_names(nodes)?;
     let server = Server::locate()?;
     let stop = CancellationToken::new();
     let signals = watch_signals(stop.clone())?;
-    let result = run_until(&names, server, &stop).await;
+    let result = run_until(&names, server, workload, &stop).await;
     signals.abort();
     result
 }
@@ -162,6 +180,7 @@ pub(crate) struct NodePorts {
     pub(crate) postgres: u16,
     pub(crate) client: u16,
     pub(crate) metrics: u16,
+    pub(crate) peer: u16,
 }
 
 /// The running pgmm nodes.
@@ -178,6 +197,7 @@ type Joined = Result<(tokio::task::Id, Result<(), ServeError>), JoinError>;
 async fn run_until(
     names: &[String],
     server: Server,
+    workload: bool,
     stop: &CancellationToken,
 ) -> Result<(), DemoError> {
     progress(format_args!(
@@ -207,11 +227,30 @@ async fn run_until(
         }
     };
     print_endpoints(names, &ports, workspace.root());
+    let workload_stop = stop.child_token();
+    let workload = workload.then(|| {
+        progress(format_args!(
+            "starting the workload: every node writes, a line per second"
+        ));
+        tokio::spawn(workload::run(
+            names.to_vec(),
+            ports.clone(),
+            workload_stop.clone(),
+        ))
+    });
 
     let failure = tokio::select! {
         () = stop.cancelled() => None,
         Some(joined) = running.tasks.join_next_with_id() => Some(node_stopped(&running.names, joined)),
     };
+    if let Some(workload) = workload {
+        // Its sessions close before the nodes go, so that it does not report their shutdown
+        // as write errors.
+        workload_stop.cancel();
+        if tokio::time::timeout(NODE_TIMEOUT, workload).await.is_err() {
+            eprintln!("pgmm demo: the workload did not stop within {NODE_TIMEOUT:?}");
+        }
+    }
     progress(format_args!("stopping the pgmm nodes"));
     running.shutdown.cancel();
     let drained = tokio::time::timeout(NODE_TIMEOUT, async {
@@ -260,6 +299,7 @@ async fn start(
     for name in names {
         workspace.prepare_node(name)?;
     }
+    let secret_file = write_secret(workspace.root())?;
     workspace.initdb(names).await?;
 
     let mut postmasters = Vec::with_capacity(names.len());
@@ -268,7 +308,7 @@ async fn start(
             "starting postgres for node {name} on 127.0.0.1:{} ...",
             ports.postgres
         ));
-        workspace.configure(name, ports.postgres)?;
+        workspace.configure(name, ports.postgres, names.len() - 1)?;
         postmasters.push(workspace.start_postgres(name)?);
     }
     let schema = schema_sql(names);
@@ -277,7 +317,9 @@ async fn start(
             "waiting for postgres of node {name} to accept connections ..."
         ));
         let client = workspace.wait_ready(postmaster, ports.postgres).await?;
-        progress(format_args!("creating schema demo on node {name} ..."));
+        progress(format_args!(
+            "creating schema demo on node {name} (DDL is not replicated: every node gets it) ..."
+        ));
         client
             .batch_execute(&schema)
             .await
@@ -292,7 +334,7 @@ async fn start(
     let mut task_names = HashMap::new();
     for (name, node_ports) in names.iter().zip(ports) {
         progress(format_args!("starting pgmm for node {name} ..."));
-        let text = node_config(name, names, ports, node_ports);
+        let text = node_config(name, names, ports, node_ports, &secret_file);
         let path = workspace.node_dir(name).join("pgmm.toml");
         std::fs::write(&path, &text)
             .map_err(|e| DemoError::io(format!("write {}", path.display()), e))?;
@@ -314,6 +356,15 @@ async fn start(
         ready = listening => ready?,
         Some(joined) = tasks.join_next_with_id() => return Err(node_stopped(&task_names, joined)),
     }
+    if names.len() > 1 {
+        progress(format_args!(
+            "waiting for the nodes to link to each other ..."
+        ));
+        tokio::select! {
+            () = wait_linked(names, ports) => {}
+            Some(joined) = tasks.join_next_with_id() => return Err(node_stopped(&task_names, joined)),
+        }
+    }
     Ok(Running {
         tasks,
         names: task_names,
@@ -332,11 +383,11 @@ pub(crate) fn node_names(nodes: usize) -> Result<Vec<String>, DemoError> {
         .collect())
 }
 
-/// Three free loopback ports per node. All listeners are held until every port is chosen, so
+/// Four free loopback ports per node. All listeners are held until every port is chosen, so
 /// that no two roles get the same port; a port could still be taken by someone else before
 /// we bind it, which then fails start-up with a clear "address in use".
 fn pick_ports(nodes: usize) -> Result<Vec<NodePorts>, DemoError> {
-    let listeners = (0..nodes * 3)
+    let listeners = (0..nodes * PORTS_PER_NODE)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
@@ -346,24 +397,53 @@ fn pick_ports(nodes: usize) -> Result<Vec<NodePorts>, DemoError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
     Ok(ports
-        .chunks(3)
+        .chunks(PORTS_PER_NODE)
         .map(|p| NodePorts {
             postgres: p[0],
             client: p[1],
             metrics: p[2],
+            peer: p[3],
         })
         .collect())
 }
 
-/// The `demo` schema, identical on every node: the shared `demo.items` and one
-/// `demo.owned_by_<node>` per node, which the generated configs give to that node.
+/// Writes a fresh random cluster secret to `<dir>/cluster.secret`, readable by this user only
+/// (pgmm refuses a secret file that group or others can read). Every node of the demo runs in
+/// this process and reads the same file.
+fn write_secret(dir: &Path) -> Result<PathBuf, DemoError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; SECRET_BYTES];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| DemoError::Random)?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("cluster.secret");
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()))
+        .map_err(|e| DemoError::io(format!("write {}", path.display()), e))?;
+    Ok(path)
+}
+
+/// The `demo` schema, identical on every node: the shared `demo.items`, one
+/// `demo.owned_by_<node>` per node, which the generated configs give to that node, and
+/// `demo.accounts`, whose rows belong to the node named in `home_node`. Every table has what
+/// replication needs: a primary key and the conflict column `updated_at`.
 pub(crate) fn schema_sql(names: &[String]) -> String {
     const COLUMNS: &str =
         "(id bigint primary key, v text, updated_at timestamptz not null default now())";
     let mut sql = format!(
         "create schema if not exists demo;\n\
          create table if not exists demo.items {COLUMNS};\n\
-         comment on table demo.items is 'shared: write it through any node';\n"
+         comment on table demo.items is 'shared: write it through any node';\n\
+         create table if not exists demo.accounts (id bigint primary key, \
+         home_node text not null, balance int, \
+         updated_at timestamptz not null default now());\n\
+         comment on table demo.accounts is \
+         'row-owned: a row belongs to the node named in home_node';\n"
     );
     for name in names {
         sql.push_str(&format!(
@@ -375,12 +455,14 @@ pub(crate) fn schema_sql(names: &[String]) -> String {
     sql
 }
 
-/// The config file of node `name`.
+/// The config file of node `name`: fully meshed with every other node, replicating schema
+/// `demo`, each `demo.owned_by_<node>` owned by its node and `demo.accounts` row by row.
 pub(crate) fn node_config(
     name: &str,
     names: &[String],
     all_ports: &[NodePorts],
     ports: &NodePorts,
+    secret_file: &Path,
 ) -> String {
     let nodes = names
         .iter()
@@ -404,18 +486,52 @@ pub(crate) fn node_config(
          url = \"postgres://postgres@127.0.0.1:{postgres}/postgres\"\n\
          \n\
          [metrics]\n\
-         listen = \"127.0.0.1:{metrics}\"\n",
+         listen = \"127.0.0.1:{metrics}\"\n\
+         \n\
+         [replication]\n\
+         tables = [\"demo.*\"]\n",
         count = all_ports.len(),
         client = ports.client,
         postgres = ports.postgres,
         metrics = ports.metrics,
     );
+    if names.len() > 1 {
+        text.push_str(&format!(
+            "\n[peer]\nlisten = \"127.0.0.1:{}\"\nsecret_file = {}\n",
+            ports.peer,
+            toml_string(&secret_file.display().to_string())
+        ));
+        for (peer, peer_ports) in names.iter().zip(all_ports) {
+            if peer != name {
+                text.push_str(&format!(
+                    "\n[[peers]]\nname = {peer:?}\naddress = \"127.0.0.1:{}\"\n",
+                    peer_ports.peer
+                ));
+            }
+        }
+    }
+    text.push_str("\n[[ownership]]\ntable = \"demo.accounts\"\nowner_column = \"home_node\"\n");
     for owner in names {
         text.push_str(&format!(
             "\n[[ownership]]\ntable = \"demo.owned_by_{owner}\"\nowner = {owner:?}\n"
         ));
     }
     text
+}
+
+/// A TOML basic string: paths may hold quotes or backslashes (TMPDIR is the user's).
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The client URL of a node: through its pgmm front door, not to Postgres directly.
@@ -427,26 +543,22 @@ pub(crate) fn client_url(ports: &NodePorts) -> String {
 /// scripts and tests read), metrics, something to try, and how to stop.
 fn print_endpoints(names: &[String], ports: &[NodePorts], root: &Path) {
     let mut text = format!(
-        "pgmm demo: {} running (each node is its own Postgres behind pgmm; \
-         replication between nodes is not built yet)\n",
-        plural(names.len(), "node")
+        "pgmm demo: {} running, each its own Postgres behind pgmm{}\n",
+        plural(names.len(), "node"),
+        if names.len() > 1 {
+            ", replicating schema demo to each other"
+        } else {
+            ""
+        }
     );
     for (name, ports) in names.iter().zip(ports) {
         text.push_str(&format!("{name} {}\n", client_url(ports)));
         text.push_str(&format!(
-            "  metrics: http://127.0.0.1:{}/metrics\n",
+            "  metrics: http://127.0.0.1:{0}/metrics  (also /readyz, /status)\n",
             ports.metrics
         ));
     }
-    if let (Some(first), Some(last)) = (ports.first(), names.last()) {
-        if names.len() > 1 {
-            text.push_str(&format!(
-                "try: psql {} -c \"insert into demo.owned_by_{last} values (1, 'x')\"   \
-                 (refused: node {last} owns that table)\n",
-                client_url(first)
-            ));
-        }
-    }
+    text.push_str(&try_it(names, ports, root));
     text.push_str(&format!(
         "Ctrl-C stops the demo and removes {}\n",
         root.display()
@@ -454,6 +566,39 @@ fn print_endpoints(names: &[String], ports: &[NodePorts], root: &Path) {
     // Nothing useful to do if stdout is gone (e.g. piped into a closed `head`); keep running.
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Commands that show replication, a conflict and an ownership refusal in a minute.
+fn try_it(names: &[String], ports: &[NodePorts], root: &Path) -> String {
+    let (Some(first), Some(last)) = (names.first(), names.last()) else {
+        return String::new();
+    };
+    let url = |i: usize| client_url(&ports[i]);
+    let (a, z) = (url(0), url(names.len() - 1));
+    if names.len() == 1 {
+        return format!(
+            "try: psql {a} -c \"insert into demo.items (id, v) values (1, 'hello')\"\n"
+        );
+    }
+    let b = url(1);
+    let second = &names[1];
+    format!(
+        "try:\n\
+         \x20 replication:  psql {a} -c \"insert into demo.items (id, v) values (1, 'hello from {first}')\"\n\
+         \x20               psql {z} -c \"select * from demo.items\"\n\
+         \x20 refusal:      psql {a} -c \"insert into demo.owned_by_{last} (id, v) values (1, 'x')\"   \
+         (node {last} owns that table)\n\
+         \x20 conflict:     psql {b} -c \"begin; insert into demo.items (id, v) values (2, '{second}'); \
+         select pg_sleep(2); commit\" & sleep 0.5\n\
+         \x20               psql {a} -c \"insert into demo.items (id, v) values (2, '{first}')\"; wait\n\
+         \x20               psql {a} -c \"select kind, table_name, resolution from pgmm.conflicts\"\n\
+         \x20 row owners:   psql {a} -c \"insert into demo.accounts (id, home_node, balance) values (1, '{first}', 100)\"\n\
+         \x20 node status:  {pgmm} status --config {config}   (add --json for scripts)\n",
+        pgmm = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "pgmm".to_owned()),
+        config = root.join(first).join("pgmm.toml").display(),
+    )
 }
 
 fn plural(count: usize, noun: &str) -> String {
@@ -496,6 +641,34 @@ async fn wait_serving(name: &str, ports: &NodePorts) -> Result<(), DemoError> {
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Waits until every node's `/readyz` answers 200: its Postgres answers and all its peer links
+/// are up. Only a progress step: if a link stays down the demo still runs (the nodes retry),
+/// and the person is told which one.
+async fn wait_linked(names: &[String], ports: &[NodePorts]) {
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    for (name, ports) in names.iter().zip(ports) {
+        let addr = format!("127.0.0.1:{}", ports.metrics);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let answer = http::get(&addr, "/readyz", Duration::from_secs(5)).await;
+            let why = match answer {
+                Ok((200, _)) => break,
+                Ok((_, body)) => body.trim().to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                progress(format_args!(
+                    "node {name} is not linked to all its peers after {NODE_TIMEOUT:?} ({why}); \
+                     it keeps retrying"
+                ));
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 }
 

@@ -171,8 +171,11 @@ fn id(args: &[&str]) -> Option<u32> {
 
 /// The lines appended to a cluster's `postgresql.conf`: its own port on loopback only, its Unix
 /// socket inside the demo directory (so it never collides with a system Postgres in
-/// `/var/run/postgresql`), and the settings logical replication needs.
-pub(super) fn server_settings(port: u16, socket_dir: &Path) -> String {
+/// `/var/run/postgresql`), and the settings replication needs: logical decoding, commit
+/// timestamps (last-writer-wins needs to know when and where a row was written; `pgmm serve`
+/// with peers refuses to start without them), and a slot and WAL sender per peer, plus
+/// headroom for pgmm's short slot-setup sessions and a curious `pg_recvlogical`.
+pub(super) fn server_settings(port: u16, socket_dir: &Path, peers: usize) -> String {
     let socket_dir = socket_dir.display().to_string().replace('\'', "''");
     format!(
         "\n# Added by `pgmm demo`.\n\
@@ -181,7 +184,10 @@ pub(super) fn server_settings(port: u16, socket_dir: &Path) -> String {
          unix_socket_directories = '{socket_dir}'\n\
          wal_level = logical\n\
          track_commit_timestamp = on\n\
-         max_connections = 100\n"
+         max_replication_slots = {senders}\n\
+         max_wal_senders = {senders}\n\
+         max_connections = 100\n",
+        senders = peers + 4,
     )
 }
 
@@ -343,12 +349,14 @@ impl Workspace {
     }
 
     /// Appends the demo's settings to the node's `postgresql.conf`.
-    pub(super) fn configure(&self, node: &str, port: u16) -> Result<(), DemoError> {
+    pub(super) fn configure(&self, node: &str, port: u16, peers: usize) -> Result<(), DemoError> {
         let conf = self.data_dir(node).join("postgresql.conf");
         OpenOptions::new()
             .append(true)
             .open(&conf)
-            .and_then(|mut f| f.write_all(server_settings(port, &self.node_dir(node)).as_bytes()))
+            .and_then(|mut f| {
+                f.write_all(server_settings(port, &self.node_dir(node), peers).as_bytes())
+            })
             .map_err(|e| DemoError::io(format!("write {}", conf.display()), e))
     }
 

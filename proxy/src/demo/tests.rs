@@ -12,6 +12,7 @@ fn ports(n: u16) -> Vec<NodePorts> {
             postgres: 15000 + i,
             client: 16000 + i,
             metrics: 17000 + i,
+            peer: 18000 + i,
         })
         .collect()
 }
@@ -42,8 +43,9 @@ fn missing_binaries_message_names_the_package_and_exits_2() {
 fn every_generated_config_is_valid_and_gives_each_table_to_its_node() {
     let names = node_names(3).unwrap();
     let ports = ports(3);
+    let secret = Path::new("/tmp/pgmm-demo-x/cluster.secret");
     for (name, node_ports) in names.iter().zip(&ports) {
-        let text = node_config(name, &names, &ports, node_ports);
+        let text = node_config(name, &names, &ports, node_ports, secret);
         let config = Config::parse(&text, Path::new("demo.toml"))
             .unwrap_or_else(|e| panic!("config of node {name}: {e}\n{text}"));
         assert_eq!(config.node.name, *name);
@@ -69,14 +71,76 @@ fn every_generated_config_is_valid_and_gives_each_table_to_its_node() {
                 .expect("a rule per node table");
             assert_eq!(rule.owner, OwnerSpec::Node(owner.clone()));
         }
-        assert_eq!(config.ownership.len(), names.len());
+        let accounts = TableName::parse("demo.accounts").unwrap();
+        assert_eq!(
+            config.owner_of_table(&accounts).map(|r| &r.owner),
+            Some(&OwnerSpec::Column("home_node".into()))
+        );
+        assert_eq!(config.ownership.len(), names.len() + 1);
+        assert_eq!(config.replication.tables, ["demo.*"]);
+        assert!(config.replication.matches(&accounts));
     }
+}
+
+#[test]
+fn every_node_listens_for_peers_and_names_every_other_node() {
+    let names = node_names(3).unwrap();
+    let ports = ports(3);
+    let secret = Path::new("/tmp/it's \"here\"/cluster.secret");
+    for (i, (name, node_ports)) in names.iter().zip(&ports).enumerate() {
+        let text = node_config(name, &names, &ports, node_ports, secret);
+        let config = Config::parse(&text, Path::new("demo.toml")).unwrap();
+        let peer = config.peer.as_ref().expect("a [peer] section");
+        assert_eq!(peer.listen, format!("127.0.0.1:{}", 18000 + i));
+        assert_eq!(peer.secret_file, secret);
+        let peers: Vec<(String, String)> = config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.address.clone()))
+            .collect();
+        let expected: Vec<(String, String)> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| (names[j].clone(), format!("127.0.0.1:{}", 18000 + j)))
+            .collect();
+        assert_eq!(peers, expected, "peers of node {name}");
+    }
+}
+
+#[test]
+fn a_single_node_demo_has_no_peers() {
+    let names = node_names(1).unwrap();
+    let ports = ports(1);
+    let text = node_config("a", &names, &ports, &ports[0], Path::new("/tmp/s"));
+    let config = Config::parse(&text, Path::new("demo.toml")).unwrap();
+    assert!(config.peer.is_none() && config.peers.is_empty());
+}
+
+#[test]
+fn the_secret_file_is_long_random_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_secret(dir.path()).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(text.len(), 2 * SECRET_BYTES);
+    assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
+    let mode = fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(
+        fs::read_to_string(write_secret(other.path()).unwrap()).unwrap(),
+        text
+    );
+    crate::peer::Secret::from_file(&path).expect("pgmm accepts the generated secret");
 }
 
 #[test]
 fn schema_has_the_shared_table_and_one_owned_table_per_node() {
     let sql = schema_sql(&node_names(2).unwrap());
     assert!(sql.contains("create schema if not exists demo;"));
+    assert!(sql.contains(
+        "create table if not exists demo.accounts (id bigint primary key, \
+         home_node text not null, balance int, updated_at timestamptz not null default now());"
+    ));
     for table in ["demo.items", "demo.owned_by_a", "demo.owned_by_b"] {
         assert!(
             sql.contains(&format!(
@@ -91,13 +155,15 @@ fn schema_has_the_shared_table_and_one_owned_table_per_node() {
 
 #[test]
 fn server_settings_quote_the_socket_directory() {
-    let conf = server_settings(5999, Path::new("/tmp/it's here"));
+    let conf = server_settings(5999, Path::new("/tmp/it's here"), 2);
     for line in [
         "port = 5999",
         "listen_addresses = '127.0.0.1'",
         "unix_socket_directories = '/tmp/it''s here'",
         "wal_level = logical",
         "track_commit_timestamp = on",
+        "max_replication_slots = 6",
+        "max_wal_senders = 6",
         "max_connections = 100",
     ] {
         assert!(conf.lines().any(|l| l == line), "{line:?} in {conf}");

@@ -1,0 +1,241 @@
+//! End-to-end tests of a node's operational view: `pgmm status` (table and `--json`) and
+//! `GET /readyz`, against a 3-node cluster of real Postgres servers and `pgmm serve` processes.
+//! They assert what an operator sees: every peer named, a killed peer reported down by the
+//! nodes still running, a conflict and a refusal counted, and a stopped node reported as not
+//! running with exit code 3.
+
+mod harness;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use harness::{
+    http_get, run_command, wait_for, ClusterOptions, PgCluster, Pgmm, PgmmOptions, TestCluster,
+};
+use rustix::process::{kill_process, Pid, Signal};
+use serde_json::Value;
+
+const COLUMNS: &str = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
+/// Far more than a healthy cluster needs on a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(60);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn status(cluster: &TestCluster, i: usize, json: bool) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmm"));
+    cmd.arg("status")
+        .arg("--config")
+        .arg(cluster.pgmm(i).config_path());
+    if json {
+        cmd.arg("--json");
+    }
+    run_command(&mut cmd, None, COMMAND_TIMEOUT)
+}
+
+/// `pgmm status --json` of node `i`, which must succeed.
+fn status_json(cluster: &TestCluster, i: usize) -> Result<Value, String> {
+    let out = status(cluster, i, true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "exit {}; stdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_str(&stdout).map_err(|e| format!("not JSON ({e}):\n{stdout}"))
+}
+
+/// The `up` flag of each peer in a JSON report, in report order.
+fn links(report: &Value) -> Vec<(String, bool)> {
+    report["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or("?").to_owned(),
+                        p["up"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn readyz(cluster: &TestCluster, i: usize) -> Option<(u16, String)> {
+    http_get(cluster.pgmm(i).metrics_port(), "/readyz")
+}
+
+#[test]
+fn status_and_readyz_report_peers_conflicts_refusals_and_a_killed_peer() {
+    let opts = ClusterOptions {
+        extra_toml: "[[ownership]]\ntable = \"public.owned_by_b\"\nowner = \"b\"\n".into(),
+        ..ClusterOptions::default()
+    };
+    let mut c = TestCluster::prepare(3, opts);
+    c.create_table("items", COLUMNS);
+    c.create_table("owned_by_b", COLUMNS);
+    c.start_pgmm();
+
+    wait_for(
+        "node a ready (its Postgres and both links)",
+        WAIT,
+        || match readyz(&c, 0) {
+            Some((200, body)) if body == "ready\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let report = wait_for("node a to see both peers up", WAIT, || {
+        let report = status_json(&c, 0)?;
+        let seen = links(&report);
+        (seen == [("b".to_owned(), true), ("c".to_owned(), true)])
+            .then_some(report.clone())
+            .ok_or(format!("{report:#}"))
+    });
+    assert_eq!(report["node"], "a");
+    assert_eq!(report["cluster"], "test");
+    assert!(
+        report["schema_version"].as_i64().is_some_and(|v| v >= 1),
+        "{report:#}"
+    );
+    for peer in report["peers"].as_array().unwrap() {
+        for figure in ["lag_seconds", "lag_bytes", "slot_retained_wal_bytes"] {
+            assert!(peer[figure].is_number(), "{figure} of {peer}");
+        }
+    }
+    assert_eq!(report["conflicts_last_hour"]["total"], 0, "{report:#}");
+
+    // The human form names every peer, with its link.
+    let out = status(&c, 0, false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("node a of cluster test "), "{text}");
+    for peer in ["b", "c"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{peer} "))
+                    && l.split_whitespace().nth(2) == Some("up")),
+            "a row for peer {peer} in:\n{text}"
+        );
+    }
+    assert!(text.contains("conflicts in the last hour: none"), "{text}");
+
+    // A refusal at a's front door and an insert/insert conflict: b's insert of key 7 is still
+    // uncommitted when a's commits, so each node then receives a key it already has.
+    let refused = c
+        .front_door(0)
+        .execute("INSERT INTO owned_by_b (id, v) VALUES (1, 'through a')")
+        .expect_err("node b owns owned_by_b");
+    assert!(
+        refused.contains("42501") || refused.contains("owned by node"),
+        "{refused}"
+    );
+    let b = c.front_door(1);
+    b.exec("BEGIN; INSERT INTO items (id, v) VALUES (7, 'b')");
+    c.front_door(0)
+        .exec("INSERT INTO items (id, v) VALUES (7, 'a')");
+    b.exec("COMMIT");
+    let report = wait_for("node a to count the conflict and the refusal", WAIT, || {
+        let report = status_json(&c, 0)?;
+        let counted = report["conflicts_last_hour"]["by_kind"]["insert_exists"].as_u64() >= Some(1)
+            && report["ownership_refusals_last_hour"]["front_door"] == 1;
+        counted
+            .then_some(report.clone())
+            .ok_or(format!("{report:#}"))
+    });
+    assert_eq!(
+        report["ownership_refusals_last_hour"]["apply"], 0,
+        "{report:#}"
+    );
+    let text = String::from_utf8_lossy(&status(&c, 0, false).stdout).into_owned();
+    assert!(
+        text.contains("ownership refusals in the last hour: 1 at the front door, 0 at apply"),
+        "{text}"
+    );
+    assert!(text.contains("insert_exists "), "{text}");
+
+    // Kill c's pgmm: a and b report it down, a is no longer ready and says why.
+    c.pgmm_mut(2).kill();
+    for i in 0..2 {
+        wait_for(
+            &format!("node {} to report c down", c.name(i)),
+            WAIT,
+            || {
+                let report = status_json(&c, i)?;
+                let seen = links(&report);
+                let c_down = seen.iter().any(|(name, up)| name == "c" && !up);
+                let others_up = seen
+                    .iter()
+                    .filter(|(name, _)| name != "c")
+                    .all(|(_, up)| *up);
+                (c_down && others_up)
+                    .then_some(())
+                    .ok_or(format!("{report:#}"))
+            },
+        );
+    }
+    let text = String::from_utf8_lossy(&status(&c, 0, false).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("c ") && l.split_whitespace().nth(2) == Some("DOWN")),
+        "{text}"
+    );
+    match readyz(&c, 0) {
+        Some((503, body)) => assert_eq!(body, "not ready: peer c: down\n"),
+        other => panic!("/readyz of a with c killed: {other:?}"),
+    }
+
+    // The killed node itself: not running, exit 3, and a message that says so.
+    let out = status(&c, 2, false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.starts_with("pgmm status: node \"c\" is not running: nothing answers on its [metrics] listen address 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_node_without_peers_is_ready_while_its_postgres_answers() {
+    let pg = PgCluster::start();
+    let pgmm = Pgmm::start(&pg, PgmmOptions::default());
+    let port = pgmm.metrics_port();
+    assert_eq!(http_get(port, "/readyz"), Some((200, "ready\n".to_owned())));
+
+    // Stop its Postgres (fast shutdown of the postmaster named in postmaster.pid).
+    let pid_file =
+        std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).expect("read postmaster.pid");
+    let pid: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    kill_process(Pid::from_raw(pid).unwrap(), Signal::INT).expect("signal the postmaster");
+    let body = wait_for("/readyz to turn 503", WAIT, || {
+        match http_get(port, "/readyz") {
+            Some((503, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(body.starts_with("not ready: postgres: "), "{body}");
+
+    // `pgmm status` still prints the node's own view, says the database is unreadable, and
+    // exits 1.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmm"));
+    cmd.arg("status").arg("--config").arg(pgmm.config_path());
+    let out = run_command(&mut cmd, None, COMMAND_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("no peers configured"), "{stdout}");
+    assert!(
+        stdout.contains("conflicts in the last hour: unknown (database unreadable)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("pgmm status: database ([postgres] url): cannot connect"),
+        "{stderr}"
+    );
+}

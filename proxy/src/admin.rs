@@ -1,0 +1,67 @@
+//! The HTTP endpoint on `[metrics] listen`: `/metrics` and `/healthz` (from `metrics`), plus
+//! `/readyz` (see `readiness`) and `/status` (the JSON document `pgmm status` reads, see
+//! `status::document`).
+//!
+//! One listener for all of them, because operators already expose and firewall that port for
+//! scraping; everything served is read-only and holds no secrets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::last_hour::LastHour;
+use crate::metrics;
+use crate::readiness::Readiness;
+use crate::status::document::NodeStatus;
+
+/// What `/readyz` and `/status` read; owned by the node and passed in, never global.
+#[derive(Clone)]
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    /// The front door's refusals (`FrontDoor::refusals`).
+    pub refusals: Arc<LastHour>,
+}
+
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    let readiness = Readiness::check(&admin.config, &admin.registry).await;
+    let code = match readiness {
+        Readiness::Ready => StatusCode::OK,
+        Readiness::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, readiness.body())
+}
+
+async fn status(State(admin): State<Admin>) -> impl IntoResponse {
+    let doc = NodeStatus::read(&admin.config, &admin.registry, admin.refusals.count());
+    let body = serde_json::to_string(&doc).expect("the status document always serialises");
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// Serves the endpoint until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = metrics::routes(admin.registry.clone()).merge(
+        Router::new()
+            .route("/readyz", get(readyz))
+            .route("/status", get(status))
+            .with_state(admin),
+    );
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "metrics endpoint listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
