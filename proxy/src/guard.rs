@@ -100,12 +100,7 @@ fn function_name(kind: &str, oid: u32) -> String {
 /// `'(' || 'id, k' || ')=(' || concat_ws(', ', ROW."id", ROW."k") || ')'`: the key of the
 /// row `row` (NEW or OLD) in the format Postgres uses in its own key errors.
 fn key_text(table: &EnrolledTable, row: &str) -> String {
-    let names = table
-        .key_columns
-        .iter()
-        .map(|c| escape_identifier(c))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let names = table.key_columns.join(", ");
     let values = table
         .key_columns
         .iter()

@@ -1,0 +1,519 @@
+//! End-to-end tests of conflict resolution and ownership: clusters of real PostgreSQL servers,
+//! each with a `pgmm serve` child process, fully meshed. A node is cut off by stopping its pgmm
+//! (its Postgres keeps taking writes, which its slots keep for the peers); healing is starting
+//! it again.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use harness::{wait_for, ClusterOptions, TestCluster};
+
+const COLUMNS: &str = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
+
+/// Clusters of three take turns: on a 2-core machine several side by side mostly measure each
+/// other, and the randomized test restarts nodes a lot.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn cluster_with(n: usize, opts: ClusterOptions, tables: &[(&str, &str)]) -> TestCluster {
+    let mut c = TestCluster::prepare(n, opts);
+    for (table, columns) in tables {
+        c.create_table(table, columns);
+    }
+    c.start_pgmm();
+    c
+}
+
+/// `id=v,...` in key order.
+fn content(c: &TestCluster, i: usize, table: &str) -> String {
+    c.scalar(
+        i,
+        &format!("SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM {table}"),
+    )
+}
+
+/// The conflicts node `i` recorded, as "kind resolution" sorted (their order depends on timing
+/// only where it does not matter).
+fn conflict_set(c: &TestCluster, i: usize) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .rows(
+            i,
+            "SELECT kind || ' ' || resolution || ' ' || \
+                    coalesce(remote_tuple->>'id', local_tuple->>'id', '?') \
+             FROM pgmm.conflicts",
+        )
+        .into_iter()
+        .map(|mut r| r.remove(0))
+        .collect();
+    v.sort();
+    v
+}
+
+fn sorted(items: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Waits until node `i` has recorded exactly `expected` conflicts.
+fn wait_conflicts(c: &TestCluster, i: usize, expected: &[&str]) {
+    let expected = sorted(expected);
+    wait_for(
+        &format!("conflicts on node {:?}", c.name(i)),
+        Duration::from_secs(60),
+        || {
+            let seen = conflict_set(c, i);
+            if seen == expected {
+                Ok(())
+            } else {
+                Err(format!("expected {expected:?}, seen {seen:?}"))
+            }
+        },
+    );
+}
+
+/// `pgmm_conflicts_total` of node `i`, summed over its series.
+fn conflicts_counted(c: &TestCluster, i: usize) -> f64 {
+    c.pgmm(i)
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("pgmm_conflicts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn conflicting_writes_during_a_partition_resolve_by_last_writer_wins_everywhere() {
+    let _heavy = heavy_lock();
+    let mut c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);
+    let a = c.front_door(0);
+    a.exec("INSERT INTO t (id, v) VALUES (1, 'v1'), (2, 'v2'), (3, 'v3'), (4, 'v4')");
+    c.wait_converged("t", 4);
+
+    // c is cut off; both sides write the same rows, the side named first writes first.
+    c.pgmm_mut(2).kill();
+    c.exec(2, "UPDATE t SET v = 'c1' WHERE id = 1"); // update vs update: a's later one wins
+    c.exec(2, "INSERT INTO t (id, v) VALUES (10, 'c10')"); // insert vs insert: a's wins
+    c.exec(2, "UPDATE t SET v = 'c3' WHERE id = 3"); // update vs delete: a's later delete wins
+    c.exec(2, "DELETE FROM t WHERE id = 4"); // delete vs update: a's later update wins
+    a.exec("UPDATE t SET v = 'a2' WHERE id = 2"); // update vs update: c's later one wins
+    a.exec("UPDATE t SET v = 'a1' WHERE id = 1");
+    a.exec("INSERT INTO t (id, v) VALUES (10, 'a10')");
+    a.exec("DELETE FROM t WHERE id = 3");
+    a.exec("UPDATE t SET v = 'a4' WHERE id = 4");
+    c.exec(2, "UPDATE t SET v = 'c2' WHERE id = 2");
+    // b has a's writes before c's arrive (otherwise b sees them in either order).
+    c.wait_converged_on("t", &[0, 1], 4, Duration::from_secs(60));
+
+    c.pgmm_mut(2).restart();
+    let expected = "1=a1,2=c2,4=a4,10=a10";
+    c.wait_all(
+        "t after healing",
+        "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t",
+        expected,
+    );
+    c.wait_converged("t", 4);
+
+    // a and b see c's writes arrive late: every one of them is a conflict, and only c's newer
+    // update of row 2 wins.
+    let late = [
+        "update_origin_differs keep_local 1",
+        "update_origin_differs apply_remote 2",
+        "update_deleted skip 3",
+        "delete_origin_differs keep_local 4",
+        "insert_exists keep_local 10",
+    ];
+    wait_conflicts(&c, 0, &late);
+    wait_conflicts(&c, 1, &late);
+    // c sees a's writes arrive over its own.
+    wait_conflicts(
+        &c,
+        2,
+        &[
+            "update_origin_differs apply_remote 1",
+            "update_origin_differs keep_local 2",
+            "delete_origin_differs apply_remote 3",
+            "update_missing apply_remote 4",
+            "insert_exists apply_remote 10",
+        ],
+    );
+    for i in 0..3 {
+        assert_eq!(
+            conflicts_counted(&c, i),
+            5.0,
+            "pgmm_conflicts_total on node {i}"
+        );
+    }
+    // Both tuples are logged: the local one as it was, the remote one as it came.
+    assert_eq!(
+        c.scalar(
+            0,
+            "SELECT (local_tuple->>'v') || ' ' || (remote_tuple->>'v') FROM pgmm.conflicts \
+             WHERE kind = 'insert_exists'"
+        ),
+        "a10 c10"
+    );
+    // The deleted row left a tombstone on every node, from the delete that won.
+    for i in 0..3 {
+        assert_eq!(
+            c.scalar(
+                i,
+                "SELECT key::text || ' ' || origin FROM pgmm.tombstones ORDER BY key::text LIMIT 1"
+            ),
+            "[\"3\"] a",
+            "tombstone on node {i}"
+        );
+    }
+}
+
+#[test]
+fn sequential_writes_through_different_nodes_are_not_conflicts() {
+    let c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);
+    let nodes: Vec<_> = (0..3).map(|i| c.front_door(i)).collect();
+    nodes[0].exec("INSERT INTO t (id, v) VALUES (1, 'a')");
+    c.wait_all("row 1", "SELECT string_agg(v, ',') FROM t", "a");
+    nodes[1].exec("UPDATE t SET v = 'b' WHERE id = 1");
+    c.wait_all("row 1", "SELECT string_agg(v, ',') FROM t", "b");
+    nodes[2].exec("UPDATE t SET v = 'c' WHERE id = 1");
+    c.wait_all("row 1", "SELECT string_agg(v, ',') FROM t", "c");
+    nodes[0].exec("DELETE FROM t WHERE id = 1");
+    c.wait_converged("t", 0);
+    nodes[1].exec("INSERT INTO t (id, v) VALUES (1, 'again')");
+    c.wait_converged("t", 1);
+    for i in 0..3 {
+        assert_eq!(
+            c.conflicts(i),
+            Vec::<String>::new(),
+            "conflicts on node {i}"
+        );
+    }
+}
+
+#[test]
+fn a_clock_running_behind_does_not_lose_a_causally_later_write() {
+    let c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);
+    // Node c's stamps run 5 s behind the others'.
+    c.exec(
+        2,
+        "CREATE OR REPLACE FUNCTION pgmm.clock() RETURNS timestamptz LANGUAGE sql VOLATILE \
+         AS $$ SELECT clock_timestamp() - interval '5 seconds' $$",
+    );
+    let (a, cc) = (c.front_door(0), c.front_door(2));
+    a.exec("INSERT INTO t (id, v) VALUES (1, 'from a')");
+    c.wait_all(
+        "row 1 everywhere",
+        "SELECT string_agg(v, ',') FROM t",
+        "from a",
+    );
+    // c writes after having seen a's version: with its clock alone it would look 5 s older.
+    cc.exec("UPDATE t SET v = 'from c, later' WHERE id = 1");
+    c.wait_all(
+        "c's later write everywhere",
+        "SELECT string_agg(v, ',') FROM t",
+        "from c, later",
+    );
+    c.wait_converged("t", 1);
+    // Its stamp is just past a's, not 5 s behind it.
+    let gap: f64 = c
+        .scalar(
+            0,
+            "SELECT extract(epoch FROM updated_at - now())::float8 FROM t",
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        gap > -4.0,
+        "c's stamp should follow a's, not its own clock: {gap}"
+    );
+    // A delete from c after that is later too.
+    cc.exec("DELETE FROM t WHERE id = 1");
+    c.wait_converged("t", 0);
+    for i in 0..3 {
+        assert_eq!(
+            c.conflicts(i),
+            Vec::<String>::new(),
+            "conflicts on node {i}"
+        );
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a failure can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The newest write made to a key: (stamp, node), and the value it left (`None`: deleted).
+type Newest = BTreeMap<i32, ((String, String), Option<String>)>;
+
+#[test]
+fn random_writes_with_random_link_drops_converge_to_the_newest_write() {
+    let _heavy = heavy_lock();
+    let seed = std::env::var("PGMM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("random_writes seed: {seed} (replay with PGMM_TEST_SEED={seed})");
+    let result = std::panic::catch_unwind(|| random_run(seed));
+    if let Err(panic) = result {
+        eprintln!("random_writes FAILED with seed {seed} (replay with PGMM_TEST_SEED={seed})");
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn random_run(seed: u64) {
+    const KEYS: u64 = 12;
+    const ROUNDS: usize = 6;
+    const WRITES: usize = 16;
+    let mut rng = Rng(seed);
+    let mut c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);
+    let mut newest: Newest = BTreeMap::new();
+    let mut record = |key: i32, stamp: String, node: &str, value: Option<String>| {
+        let version = (stamp, node.to_owned());
+        match newest.get(&key) {
+            Some((v, _)) if *v >= version => {}
+            _ => {
+                newest.insert(key, (version, value));
+            }
+        }
+    };
+    // Stamps as text in UTC at microsecond precision sort like the timestamps themselves.
+    const STAMP: &str = "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')";
+    let mut down: Option<usize> = None;
+    for round in 0..ROUNDS {
+        // Cut one node off, or heal, at random.
+        match (down, rng.below(3)) {
+            (None, 0) | (None, 1) => {
+                let victim = rng.below(3) as usize;
+                c.pgmm_mut(victim).kill();
+                down = Some(victim);
+            }
+            (Some(victim), 0) => {
+                c.pgmm_mut(victim).restart();
+                down = None;
+            }
+            _ => {}
+        }
+        for w in 0..WRITES {
+            let node = rng.below(3) as usize;
+            let key = rng.below(KEYS) as i32 + 1;
+            let name = c.name(node).to_owned();
+            if rng.below(4) == 0 {
+                let deleted = c.rows(
+                    node,
+                    &format!("DELETE FROM t WHERE id = {key} RETURNING id"),
+                );
+                if !deleted.is_empty() {
+                    let stamp = c.scalar(
+                        node,
+                        &format!(
+                            "SELECT to_char(deleted_at AT TIME ZONE 'UTC', \
+                             'YYYY-MM-DD HH24:MI:SS.US') FROM pgmm.tombstones \
+                             WHERE table_name = 'public.t' AND key = jsonb_build_array('{key}')"
+                        ),
+                    );
+                    record(key, stamp, &name, None);
+                }
+            } else {
+                let value = format!("{name}{round}.{w}");
+                let stamp = c.rows(
+                    node,
+                    &format!(
+                        "INSERT INTO t (id, v) VALUES ({key}, '{value}') \
+                         ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v RETURNING {STAMP}"
+                    ),
+                );
+                record(key, stamp[0][0].clone(), &name, Some(value));
+            }
+        }
+    }
+    if let Some(victim) = down {
+        c.pgmm_mut(victim).restart();
+    }
+    let expected: String = newest
+        .iter()
+        .filter_map(|(k, (_, v))| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let rows = newest.values().filter(|(_, v)| v.is_some()).count();
+    c.wait_all(
+        "every row equal to its newest write",
+        "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t",
+        &expected,
+    );
+    c.wait_converged_within("t", rows, Duration::from_secs(90));
+    for i in 0..3 {
+        assert_eq!(content(&c, i, "t"), expected, "node {i}");
+    }
+}
+
+/// Ownership rules for the guard and apply tests: `owned` belongs to b, `acct` rows to the node
+/// in `home`, `ord` rows by `id % 3` over [a, b, c].
+fn owned_cluster() -> TestCluster {
+    let opts = ClusterOptions {
+        extra_toml: "[[ownership]]\ntable = \"owned\"\nowner = \"b\"\n\n\
+                     [[ownership]]\ntable = \"acct\"\nowner_column = \"home\"\n\n\
+                     [[ownership]]\ntable = \"ord\"\nowner_key = \"id\"\n"
+            .into(),
+        ..ClusterOptions::default()
+    };
+    cluster_with(
+        3,
+        opts,
+        &[
+            ("owned", COLUMNS),
+            ("free", COLUMNS),
+            (
+                "acct",
+                "id int PRIMARY KEY, home text NOT NULL, v text, updated_at timestamptz",
+            ),
+            (
+                "ord",
+                "id bigserial PRIMARY KEY, v text, updated_at timestamptz",
+            ),
+        ],
+    )
+}
+
+fn refused(db: &harness::Db, sql: &str) -> String {
+    match db.execute(sql) {
+        Ok(()) => panic!("{sql} was not refused"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn guard_triggers_refuse_writes_that_bypass_the_front_door() {
+    let c = owned_cluster();
+    // Direct connections to node a's Postgres: pgmm's front door never sees these.
+    let a = c.db(0);
+    let msg_b = "table \"public.owned\" is owned by node \"b\"; write it through node \"b\"";
+    for sql in [
+        "INSERT INTO owned (id, v) VALUES (1, 'x')",
+        "WITH w AS (INSERT INTO owned (id, v) VALUES (2, 'x') RETURNING 1) SELECT count(*) FROM w",
+        "DO $$ BEGIN INSERT INTO owned (id, v) VALUES (3, 'x'); END $$",
+        "TRUNCATE owned",
+    ] {
+        let e = refused(&a, sql);
+        assert!(e.contains("42501") && e.contains(msg_b), "{sql}: {e}");
+    }
+    // The owner writes it; a may not change what it received.
+    c.front_door(1)
+        .exec("INSERT INTO owned (id, v) VALUES (1, 'by b')");
+    c.wait_converged("owned", 1);
+    let e = refused(&a, "UPDATE owned SET v = 'by a' WHERE id = 1");
+    assert!(e.contains(msg_b), "{e}");
+    let e = refused(&a, "DELETE FROM owned");
+    assert!(e.contains(msg_b), "{e}");
+
+    // Row ownership by column.
+    a.exec("INSERT INTO acct (id, home, v) VALUES (1, 'a', 'mine')");
+    let e = refused(
+        &a,
+        "INSERT INTO acct (id, home, v) VALUES (2, 'b', 'theirs')",
+    );
+    assert!(
+        e.contains("42501")
+            && e.contains("row (id)=(2) of \"public.acct\" is owned by node \"b\"; write it through node \"b\""),
+        "{e}"
+    );
+    let e = refused(&a, "UPDATE acct SET home = 'c' WHERE id = 1");
+    assert!(e.contains("owned by node \"c\""), "{e}");
+    c.front_door(1)
+        .exec("INSERT INTO acct (id, home, v) VALUES (3, 'b', 'b''s')");
+    c.wait_converged("acct", 2);
+    assert!(refused(&a, "UPDATE acct SET v = 'x' WHERE id = 3").contains("owned by node \"b\""));
+    assert!(refused(&a, "DELETE FROM acct WHERE id = 3").contains("owned by node \"b\""));
+    assert!(refused(&a, "TRUNCATE acct").contains("42501"));
+
+    // Row ownership by key: a is node 0 of 3, its sequence hands out only multiples of 3.
+    let ids = c.rows(0, "INSERT INTO ord (v) VALUES ('x'), ('y') RETURNING id");
+    let ids: Vec<i64> = ids.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert!(ids.iter().all(|id| id % 3 == 0), "node a's keys: {ids:?}");
+    let b_ids = c.rows(1, "INSERT INTO ord (v) VALUES ('z') RETURNING id");
+    assert_eq!(b_ids[0][0].parse::<i64>().unwrap() % 3, 1);
+    let e = refused(&a, "INSERT INTO ord (id, v) VALUES (7, 'b''s key')");
+    assert!(
+        e.contains("row (id)=(7) of \"public.ord\" is owned by node \"b\""),
+        "{e}"
+    );
+    c.wait_converged("ord", 3);
+    // Nothing refused was written anywhere, and nothing is recorded as a violation.
+    c.wait_converged("owned", 1);
+    for i in 0..3 {
+        assert_eq!(c.conflicts(i), Vec::<String>::new(), "node {i}");
+    }
+}
+
+#[test]
+fn a_change_its_origin_may_not_make_is_refused_by_every_peer() {
+    let c = owned_cluster();
+    c.front_door(1)
+        .exec("INSERT INTO acct (id, home, v) VALUES (3, 'b', 'b''s')");
+    c.wait_converged("acct", 1);
+    // A rogue node a: a session that turns pgmm's guard triggers off (what a superuser can do)
+    // writes a table owned by b, a row owned by b, a key owned by c, and b's existing row.
+    c.exec(
+        0,
+        "SET session_replication_role = replica; \
+         INSERT INTO owned (id, v) VALUES (1, 'rogue'); \
+         INSERT INTO acct (id, home, v) VALUES (2, 'b', 'rogue'); \
+         INSERT INTO ord (id, v) VALUES (2, 'rogue'); \
+         UPDATE acct SET v = 'rogue' WHERE id = 3; \
+         SET session_replication_role = origin;",
+    );
+    // The stream goes on: a's next legitimate write arrives everywhere.
+    c.front_door(0)
+        .exec("INSERT INTO free (id, v) VALUES (1, 'after')");
+    c.wait_converged("free", 1);
+    for i in [1, 2] {
+        wait_conflicts(
+            &c,
+            i,
+            &[
+                "ownership_violation skip 1",
+                "ownership_violation skip 2",
+                "ownership_violation skip 2",
+                "ownership_violation skip 3",
+            ],
+        );
+        assert_eq!(c.scalar(i, "SELECT count(*) FROM owned"), "0");
+        assert_eq!(content(&c, i, "acct"), "3=b's");
+        assert_eq!(c.scalar(i, "SELECT count(*) FROM ord"), "0");
+        assert_eq!(
+            c.metric(
+                i,
+                "pgmm_conflicts_total{kind=\"ownership_violation\",resolution=\"skip\",table=\"public.acct\"}"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            c.scalar(i, "SELECT DISTINCT origin FROM pgmm.conflicts"),
+            "a"
+        );
+    }
+}
