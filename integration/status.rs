@@ -189,6 +189,11 @@ fn status_and_readyz_report_peers_conflicts_refusals_and_a_killed_peer() {
         Some((503, body)) => assert_eq!(body, "not ready: peer c: down\n"),
         other => panic!("/readyz of a with c killed: {other:?}"),
     }
+    // A load balancer that should keep a serving while c is away asks without the peers.
+    assert_eq!(
+        http_get(c.pgmm(0).metrics_port(), "/readyz?peers=ignore"),
+        Some((200, "ready; peer c: down\n".to_owned()))
+    );
 
     // The killed node itself: not running, exit 3, and a message that says so.
     let out = status(&c, 2, false);
@@ -237,5 +242,54 @@ fn a_node_without_peers_is_ready_while_its_postgres_answers() {
     assert!(
         stderr.starts_with("pgmm status: database ([postgres] url): cannot connect"),
         "{stderr}"
+    );
+}
+
+/// The metric names and help texts pgmm exposes pass Prometheus's own linter, on a node whose
+/// every family has series (a peer linked, changes shipped and applied, a conflict counted).
+#[test]
+fn metrics_pass_promtool_check_metrics() {
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("promtool not found: install it (apt-get install -y prometheus; .ci/run does)");
+    let mut c = TestCluster::prepare(2, ClusterOptions::default());
+    c.create_table("t", COLUMNS);
+    c.exec(1, "INSERT INTO t (id, v) VALUES (1, 'only on b')");
+    c.start_pgmm();
+    c.front_door(0)
+        .exec("INSERT INTO t (id, v) VALUES (1, 'a')");
+    // b's row is older than a's insert, so a's wins there.
+    c.wait_metric(
+        1,
+        "pgmm_conflicts_total{kind=\"insert_exists\",resolution=\"apply_remote\",table=\"public.t\"}",
+        "== 1",
+        |v| v == Some(1.0),
+    );
+    let exposition = c.pgmm(1).metrics();
+    assert!(
+        exposition.contains("pgmm_peer_up{peer=\"a\"}"),
+        "{exposition}"
+    );
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

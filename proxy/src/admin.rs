@@ -32,10 +32,16 @@ pub struct Admin {
     pub refusals: Arc<LastHour>,
 }
 
-async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
-    let readiness = Readiness::check(&admin.config, &admin.registry).await;
+/// `/readyz`: the local Postgres and every peer. `/readyz?peers=ignore`: the local Postgres
+/// only (down peers are still named in the body), for a load balancer that should keep
+/// sending clients to a node while a peer is away: its writes wait in the slots meanwhile.
+async fn readyz(State(admin): State<Admin>, uri: axum::http::Uri) -> impl IntoResponse {
+    let require_peers = !uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "peers=ignore"));
+    let readiness = Readiness::check(&admin.config, &admin.registry, require_peers).await;
     let code = match readiness {
-        Readiness::Ready => StatusCode::OK,
+        Readiness::Ready | Readiness::ReadyWithout(_) => StatusCode::OK,
         Readiness::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, readiness.body())

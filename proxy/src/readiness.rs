@@ -21,6 +21,8 @@ const POSTGRES_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
     Ready,
+    /// Ready to serve clients, with these peers down (only when peers are not required).
+    ReadyWithout(Vec<String>),
     /// What is down, one item per problem, e.g. `peer b: down`.
     NotReady(Vec<String>),
 }
@@ -28,12 +30,18 @@ pub enum Readiness {
 impl Readiness {
     /// Checks the local Postgres (a fresh `SELECT 1`, so a dead server is never hidden behind a
     /// cached connection) and the peers' links.
-    pub async fn check(config: &Config, registry: &Registry) -> Readiness {
+    /// With `require_peers` false, only the local Postgres decides; down peers are still
+    /// named (see [`Readiness::ReadyWithout`]).
+    pub async fn check(config: &Config, registry: &Registry, require_peers: bool) -> Readiness {
         let mut down = Vec::new();
         if let Err(why) = probe_postgres(config).await {
             down.push(format!("postgres: {why}"));
         }
-        down.extend(down_peers(config, registry));
+        let peers = down_peers(config, registry);
+        if !require_peers && down.is_empty() && !peers.is_empty() {
+            return Readiness::ReadyWithout(peers);
+        }
+        down.extend(peers);
         if down.is_empty() {
             Readiness::Ready
         } else {
@@ -45,6 +53,7 @@ impl Readiness {
     pub fn body(&self) -> String {
         match self {
             Readiness::Ready => "ready\n".to_owned(),
+            Readiness::ReadyWithout(down) => format!("ready; {}\n", down.join("; ")),
             Readiness::NotReady(down) => format!("not ready: {}\n", down.join("; ")),
         }
     }
