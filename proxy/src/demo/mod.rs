@@ -593,6 +593,8 @@ fn try_it(names: &[String], ports: &[NodePorts], root: &Path) -> String {
          \x20               psql {a} -c \"insert into demo.items (id, v) values (2, '{first}')\"; wait\n\
          \x20               psql {a} -c \"select kind, table_name, resolution from pgmm.conflicts\"\n\
          \x20 row owners:   psql {a} -c \"insert into demo.accounts (id, home_node, balance) values (1, '{first}', 100)\"\n\
+         \x20               psql {a} -c \"insert into demo.accounts (id, home_node, balance) values (2, '{second}', 5)\"   \
+         (refused: that row would belong to {second})\n\
          \x20 node status:  {pgmm} status --config {config}   (add --json for scripts)\n",
         pgmm = std::env::current_exe()
             .map(|p| p.display().to_string())
