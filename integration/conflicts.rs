@@ -450,6 +450,26 @@ fn guard_triggers_refuse_writes_that_bypass_the_front_door() {
     assert!(refused(&a, "DELETE FROM acct WHERE id = 3").contains("owned by node \"b\""));
     assert!(refused(&a, "TRUNCATE acct").contains("42501"));
 
+    // Through the front door, an INSERT whose owner is a literal is refused before Postgres
+    // sees it (the message names the owner column, where the trigger's names the key), and
+    // counted; one with a bound parameter is left to the trigger.
+    let fd = c.front_door(0);
+    let e = refused(&fd, "INSERT INTO acct (id, home, v) VALUES (5, 'b', 'x')");
+    assert!(
+        e.contains("42501")
+            && e.contains("row (home)=(b) of \"public.acct\" is owned by node \"b\""),
+        "{e}"
+    );
+    assert_eq!(
+        c.metric(0, "pgmm_ownership_rejections_total{table=\"public.acct\"}"),
+        Some(1.0)
+    );
+    let e = refused(&fd, "INSERT INTO ord (id, v) VALUES (4, 'x')");
+    assert!(
+        e.contains("row (id)=(4) of \"public.ord\" is owned by node \"b\""),
+        "{e}"
+    );
+
     // Row ownership by key: a is node 0 of 3, its sequence hands out only multiples of 3.
     let ids = c.rows(0, "INSERT INTO ord (v) VALUES ('x'), ('y') RETURNING id");
     let ids: Vec<i64> = ids.iter().map(|r| r[0].parse().unwrap()).collect();

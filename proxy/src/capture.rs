@@ -249,13 +249,13 @@ impl Shipper {
                     data = stream.next() => {
                         let data = data?.ok_or(SendError::StreamEnded)?;
                         match pgoutput::decode_copy_data_bytes(data)? {
-                            ReplicationMessage::XLogData { data, .. } => {
+                            ReplicationMessage::XLogData { data, .. } => 'message: {
                                 let Some(tx) = assembler.push(pgoutput::decode_bytes(data)?)? else {
-                                    continue;
+                                    break 'message;
                                 };
                                 if tx.origin.is_some() || tx.changes.is_empty() || tx.end_lsn <= resume {
                                     state.skipped(tx.end_lsn);
-                                    continue;
+                                    break 'message;
                                 }
                                 let n = tx.changes.len() as u64;
                                 if self.captured_upto.fetch_max(tx.end_lsn, Ordering::Relaxed) < tx.end_lsn {
@@ -271,11 +271,6 @@ impl Shipper {
                                 state.shipped(tx.end_lsn, tx.commit_time);
                                 shipped.inc_by(n);
                                 unflushed += 1;
-                                // Batch frames while the slot has more to give right away.
-                                if !stream.has_buffered_message() || unflushed >= FLUSH_EVERY {
-                                    link.flush().await?;
-                                    unflushed = 0;
-                                }
                             }
                             ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
                                 if !assembler.in_transaction() {
@@ -286,6 +281,15 @@ impl Shipper {
                                     last_status = Instant::now();
                                 }
                             }
+                        }
+                        // Batch frames while the slot has more to give right away. Checked
+                        // after every message, keepalives included: the server often sends
+                        // one right behind a commit, and the transaction must not wait for it.
+                        if unflushed > 0
+                            && (!stream.has_buffered_message() || unflushed >= FLUSH_EVERY)
+                        {
+                            link.flush().await?;
+                            unflushed = 0;
                         }
                     }
                     _ = tick.tick() => {

@@ -76,6 +76,19 @@ pub struct Classification {
     /// False when sqlparser rejected the text; it is then forwarded unchanged and Postgres
     /// (and the apply side) have the last word.
     pub parsed: bool,
+    /// The literal values of each top-level `INSERT ... VALUES`, for row-ownership checks.
+    pub inserted: Vec<InsertedRows>,
+}
+
+/// What an `INSERT INTO t (columns) VALUES (...), ...` writes, as far as literals tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InsertedRows {
+    pub table: TableName,
+    /// The column list as written (folded like Postgres); empty when the statement has none.
+    pub columns: Vec<String>,
+    /// Per row, per column: a string or number literal's text, or `None` for anything else (a
+    /// bound parameter, an expression, DEFAULT), which only the database can judge.
+    pub rows: Vec<Vec<Option<String>>>,
 }
 
 impl Classification {
@@ -91,12 +104,14 @@ impl Classification {
                     kind: walk.kind.unwrap_or(QueryKind::Other),
                     written,
                     parsed: true,
+                    inserted: walk.inserted,
                 }
             }
             Err(_) => Self {
                 kind: QueryKind::Other,
                 written: Vec::new(),
                 parsed: false,
+                inserted: Vec::new(),
             },
         }
     }
@@ -240,6 +255,7 @@ impl std::fmt::Debug for Classifier {
 struct Walk {
     kind: Option<QueryKind>,
     written: Vec<TableName>,
+    inserted: Vec<InsertedRows>,
 }
 
 impl Walk {
@@ -313,6 +329,9 @@ impl Walk {
                 }
                 if let Some(source) = &insert.source {
                     self.query(source);
+                }
+                if let Some(rows) = inserted_rows(insert) {
+                    self.inserted.push(rows);
                 }
             }
             Statement::Update(update) => {
@@ -555,6 +574,56 @@ fn is_false_word(word: &str) -> bool {
 
 /// `[catalog.]schema.name` or `name` (in `public`) as Postgres would store them; `None` for
 /// names built from functions, which Postgres does not have.
+/// The literals of `INSERT INTO t (...) VALUES (...)`; `None` for other shapes.
+fn inserted_rows(insert: &sqlparser::ast::Insert) -> Option<InsertedRows> {
+    let TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    let table = table_name(name)?;
+    let SetExpr::Values(values) = insert.source.as_ref()?.body.as_ref() else {
+        return None;
+    };
+    let columns = insert
+        .columns
+        .iter()
+        .map(|c| c.0.last().and_then(ObjectNamePart::as_ident).map(fold))
+        .collect::<Option<Vec<String>>>()?;
+    let rows = values
+        .rows
+        .iter()
+        .map(|row| row.content.iter().map(literal_text).collect())
+        .collect();
+    Some(InsertedRows {
+        table,
+        columns,
+        rows,
+    })
+}
+
+/// The text a string or number literal (possibly negated) stands for.
+fn literal_text(expr: &Expr) -> Option<String> {
+    use sqlparser::ast::{UnaryOperator, Value};
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            Value::Number(n, _) => Some(n.clone()),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match expr.as_ref() {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => Some(format!("-{n}")),
+                _ => None,
+            },
+            _ => None,
+        },
+        Expr::Nested(inner) => literal_text(inner),
+        _ => None,
+    }
+}
+
 fn table_name(name: &ObjectName) -> Option<TableName> {
     let mut parts = name.0.iter().rev().map(ObjectNamePart::as_ident);
     let table = fold(parts.next()??);
@@ -981,7 +1050,8 @@ mod tests {
                 Classification {
                     kind: QueryKind::Other,
                     written: vec![],
-                    parsed: false
+                    parsed: false,
+                    inserted: vec![],
                 },
                 "{sql}"
             );

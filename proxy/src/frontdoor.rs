@@ -23,6 +23,7 @@ use crate::classify::Classifier;
 use crate::config::{Config, OwnerSpec};
 use crate::last_hour::LastHour;
 use crate::metrics::FrontDoorMetrics;
+use crate::owners::OwnerRules;
 use crate::ownership::Ownership;
 use crate::session;
 use crate::tls::{self, TlsError};
@@ -126,7 +127,8 @@ impl FrontDoor {
             backend: BackendAddr::from_config(config),
             tls,
             classifier: Classifier::new(NonZeroUsize::new(CLASSIFIER_CACHE).expect("non-zero")),
-            ownership: Ownership::new(&config.node.name, table_owners),
+            ownership: Ownership::new(&config.node.name, table_owners)
+                .with_rows(OwnerRules::from_config(config)),
             metrics,
             // Postgres's own authentication_timeout default.
             startup_timeout: Duration::from_secs(60),

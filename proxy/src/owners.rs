@@ -119,6 +119,14 @@ impl OwnerRules {
         }
     }
 
+    /// Tables owned row by row (`owner_column` or `owner_key`).
+    pub fn row_owned_tables(&self) -> impl Iterator<Item = &TableName> + '_ {
+        self.rules
+            .iter()
+            .filter(|(_, spec)| !matches!(spec, OwnerSpec::Node(_)))
+            .map(|(t, _)| t)
+    }
+
     /// The column whose value decides a row's owner, for row-owned tables.
     pub fn owner_column(&self, table: &TableName) -> Option<&str> {
         match self.rules.get(table) {

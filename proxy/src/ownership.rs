@@ -2,12 +2,15 @@
 //! owns. Refusing early keeps the client's error synchronous and the owned table free of writes
 //! that replication would otherwise have to reject (or silently lose) on the other nodes.
 //!
-//! Only table ownership (`owner = "b"`) is enforced here; row ownership needs the row values and
-//! is enforced in the database.
+//! Table ownership (`owner = "b"`) is enforced for every write. Row ownership is enforced here
+//! where the statement itself tells the row's owner: an `INSERT ... VALUES` whose owner column
+//! (or key) is a literal. Anything else (bound parameters, expressions, UPDATE and DELETE, which
+//! need the stored row) is left to the guard trigger in the database, which has the values.
 
 use std::collections::HashMap;
 
-use crate::classify::contains_ignore_ascii_case;
+use crate::classify::{contains_ignore_ascii_case, Classification};
+use crate::owners::{row_message, table_message, OwnerRules, Verdict};
 use crate::table::TableName;
 
 /// Which tables this node may not write, and who may.
@@ -19,8 +22,10 @@ pub struct Ownership {
     tables: HashMap<TableName, String>,
     /// How each table owned by another node can appear in statement text (lower case, with
     /// `"` doubled as inside a quoted identifier): a statement containing none of them cannot
-    /// write such a table, so the front door need not parse it.
+    /// write such a table, so the front door need not parse it. Row-owned tables are in it too.
     foreign_spellings: Vec<String>,
+    /// Row ownership rules (and the node list), for INSERTs with literal owners.
+    rows: OwnerRules,
 }
 
 impl Ownership {
@@ -40,7 +45,21 @@ impl Ownership {
             local: local_node.to_owned(),
             tables,
             foreign_spellings,
+            rows: OwnerRules::default(),
         }
+    }
+
+    /// These rules plus the row ownership rules of `rules` (its `owner_column` and `owner_key`
+    /// entries).
+    pub fn with_rows(mut self, rules: OwnerRules) -> Self {
+        for table in rules.row_owned_tables() {
+            self.foreign_spellings
+                .push(table.name.to_lowercase().replace('"', "\"\""));
+        }
+        self.foreign_spellings.sort();
+        self.foreign_spellings.dedup();
+        self.rows = rules;
+        self
     }
 
     /// Whether `sql` might write a table another node owns, judged by a substring scan: false
@@ -61,8 +80,37 @@ impl Ownership {
                 .any(|name| contains_ignore_ascii_case(sql, name))
     }
 
+    /// First written table this node may not write, or row it may not insert, as an error.
+    pub fn check(&self, class: &Classification) -> Result<(), OwnershipError> {
+        self.check_tables(&class.written)?;
+        for insert in &class.inserted {
+            let Some(column) = self.rows.owner_column(&insert.table) else {
+                continue;
+            };
+            let Some(position) = insert.columns.iter().position(|c| c == column) else {
+                continue;
+            };
+            for row in &insert.rows {
+                let Some(Some(value)) = row.get(position) else {
+                    continue;
+                };
+                let verdict = self
+                    .rows
+                    .row_verdict(&self.local, &insert.table, Some(value));
+                if let Verdict::RowOwned { owner } = verdict {
+                    return Err(OwnershipError::RowOwned {
+                        table: insert.table.clone(),
+                        row: format!("({column})=({value})"),
+                        owner,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// First written table this node may not write, as an error, or Ok.
-    pub fn check(&self, written: &[TableName]) -> Result<(), OwnershipError> {
+    pub fn check_tables(&self, written: &[TableName]) -> Result<(), OwnershipError> {
         if self.tables.is_empty() {
             return Ok(());
         }
@@ -81,14 +129,21 @@ impl Ownership {
 
     /// True when no table has an owner, so the front door can skip the check altogether.
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
+        self.tables.is_empty() && self.rows.row_owned_tables().next().is_none()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OwnershipError {
-    #[error("table \"{table}\" is owned by node \"{owner}\"; write it through node \"{owner}\"")]
+    #[error("{}", table_message(.table, .owner))]
     TableOwned { table: TableName, owner: String },
+    #[error("{}", row_message(.row, .table, .owner))]
+    RowOwned {
+        table: TableName,
+        /// `(column)=(value)`.
+        row: String,
+        owner: String,
+    },
 }
 
 impl OwnershipError {
@@ -101,7 +156,9 @@ impl OwnershipError {
     /// only configured tables can be refused).
     pub fn table(&self) -> &TableName {
         match self {
-            OwnershipError::TableOwned { table, .. } => table,
+            OwnershipError::TableOwned { table, .. } | OwnershipError::RowOwned { table, .. } => {
+                table
+            }
         }
     }
 }
@@ -109,7 +166,7 @@ impl OwnershipError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::Classification;
+    use crate::config::OwnerSpec;
 
     fn ownership() -> Ownership {
         Ownership::new(
@@ -131,7 +188,7 @@ mod tests {
     fn check_sql(sql: &str) -> Result<(), OwnershipError> {
         let classification = Classification::of(sql);
         assert!(classification.parsed, "{sql}");
-        ownership().check(&classification.written)
+        ownership().check(&classification)
     }
 
     #[test]
@@ -193,12 +250,48 @@ mod tests {
     }
 
     #[test]
+    fn inserts_with_a_literal_owner_of_another_node_are_refused() {
+        let own = Ownership::new("a", []).with_rows(OwnerRules::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            [
+                (
+                    TableName::new("public", "acct"),
+                    OwnerSpec::Column("home".into()),
+                ),
+                (TableName::new("public", "ord"), OwnerSpec::Key("id".into())),
+            ],
+        ));
+        assert!(own.may_write_foreign("insert into ACCT values (1)"));
+        assert!(!own.is_empty());
+        let check = |sql: &str| own.check(&Classification::of(sql));
+        let err = check("INSERT INTO acct (id, home) VALUES (1, 'a'), (2, 'b')").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "row (home)=(b) of \"public.acct\" is owned by node \"b\"; write it through node \"b\""
+        );
+        assert_eq!(err.sqlstate(), "42501");
+        assert!(check("INSERT INTO acct (id, home) VALUES (1, 'a')").is_ok());
+        // Parameters and expressions are the database's to judge.
+        assert!(check("INSERT INTO acct (id, home) VALUES ($1, $2)").is_ok());
+        assert!(check("INSERT INTO acct (id, home) VALUES (1, lower('B'))").is_ok());
+        // No column list: the position of the owner column is unknown here.
+        assert!(check("INSERT INTO acct VALUES (1, 'b')").is_ok());
+        let err = check("insert into ord (id, v) values (-2, 'x')").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("row (id)=(-2) of \"public.ord\" is owned by node \"b\""),
+            "{err}"
+        );
+        assert!(check("insert into ord (id, v) values (3, 'x'), (6, 'y')").is_ok());
+    }
+
+    #[test]
     fn first_foreign_table_in_written_order_is_reported() {
         let own = ownership();
         let written = Classification::of("TRUNCATE sales.\"Orders\", owned_by_b, mine").written;
         // `written` is sorted: public.* before sales.*.
         assert_eq!(
-            own.check(&written).unwrap_err().table(),
+            own.check_tables(&written).unwrap_err().table(),
             &TableName::new("public", "owned_by_b")
         );
     }
@@ -208,11 +301,13 @@ mod tests {
         let own = Ownership::new("a", []);
         assert!(own.is_empty());
         assert!(!ownership().is_empty());
-        assert!(own.check(&[TableName::new("public", "owned_by_b")]).is_ok());
+        assert!(own
+            .check_tables(&[TableName::new("public", "owned_by_b")])
+            .is_ok());
         // The owner itself may write.
         let own_b = Ownership::new("b", [(TableName::new("public", "owned_by_b"), "b".into())]);
         assert!(own_b
-            .check(&[TableName::new("public", "owned_by_b")])
+            .check_tables(&[TableName::new("public", "owned_by_b")])
             .is_ok());
     }
 

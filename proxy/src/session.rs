@@ -373,7 +373,7 @@ fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
     if class.written.is_empty() || !may_write_foreign {
         return None;
     }
-    match door.ownership.check(&class.written) {
+    match door.ownership.check(&class) {
         Ok(()) => None,
         Err(e) => {
             door.metrics

@@ -1,23 +1,23 @@
-//! Apply: a peer's transactions written into the local database, each exactly once.
+//! Apply: a peer's transactions written into the local database, each exactly once, each
+//! change resolved by last-writer-wins and checked against the ownership rules.
 //!
 //! One [`Applier`] per origin node owns one session to the local Postgres, set up with
 //! `session_replication_role = replica` (local triggers and FK checks behave as for any
-//! replica) and the replication origin `pgmm_<origin>`. Each remote transaction becomes one
-//! local transaction that starts with `pg_replication_origin_xact_setup(end_lsn, commit_time)`,
+//! replica; pgmm's own clock and guard triggers do not fire) and the replication origin
+//! `pgmm_<origin>`. A batch of consecutive remote transactions becomes one local transaction
+//! that starts with `pg_replication_origin_xact_setup(end_lsn, commit_time)` of the last one,
 //! so the origin's progress commits atomically with the data: after any crash the progress says
-//! exactly which remote transactions are in the database, and [`Applier::apply`] skips anything
-//! at or below it. That is the exactly-once argument; acks only tell the sender when it may
-//! let its slot forget.
+//! exactly which remote transactions are in the database, and [`Applier::apply_batch`] skips
+//! anything at or below it. That is the exactly-once argument; acks only tell the sender when it
+//! may let its slot forget. A reader sees all of a batch or none of it, so never part of one
+//! remote transaction.
 //!
-//! Throughput: a batch of remote transactions is sent as one pipeline (for each: BEGIN, the
-//! origin setup, every change, COMMIT) and the results are read once, at the end. Two things
-//! make that safe. Each change records its own conflict, in the same statement (see
-//! [`sql::Conflict`]), so nothing needs a row count before COMMIT. And each transaction's
-//! origin setup first checks that the origin's progress is exactly the previous transaction's
-//! end: if one transaction of the batch fails, every later one fails too instead of committing
-//! past the gap. Commits are asynchronous except the last of a batch, whose synchronous commit
-//! makes every earlier one durable too (a WAL flush covers all that precedes it); the receiver
-//! acks only after such a commit.
+//! Throughput: the batch is sent as one pipeline (BEGIN, the origin setup, every change,
+//! COMMIT) and the results are read once, at the end. Each change decides, applies and records
+//! its own conflict in one statement (see [`sql::Lww`]), so nothing needs a result before
+//! COMMIT. The origin setup first checks that the origin's progress is exactly where this
+//! session left it, so a batch can never commit past a gap. The commit is synchronous when the
+//! receiver is about to ack (a WAL flush makes it and everything before it durable).
 
 mod receiver;
 pub mod sql;
@@ -165,11 +165,13 @@ pub struct RemoteTx {
 enum Step {
     Begin,
     Setup,
-    /// A change: its table (an index into the change set's tables), and what it is. Its
-    /// result rows are the conflicts it recorded, as (kind, resolution).
+    /// A change: its table (an index into its change set's tables), what it is, and its
+    /// transaction's index in the batch. Its result rows are the conflicts it recorded, as
+    /// (kind, resolution).
     Change {
         table: usize,
         what: &'static str,
+        tx: usize,
     },
     SyncCommit,
     Commit,
@@ -203,6 +205,7 @@ pub struct Applier {
     replication: ReplicationConfig,
     metrics: ReplicationMetrics,
     statements: HashMap<String, Statement>,
+    origins: sql::Origins,
     begin: Statement,
     setup: Statement,
     sync_commit: Statement,
@@ -233,7 +236,7 @@ impl Applier {
         client
             .batch_execute(&format!(
                 "SET session_replication_role = replica; SET synchronous_commit = off; \
-                 SET application_name = {}",
+                 SET plan_cache_mode = force_generic_plan; SET application_name = {}",
                 postgres_protocol::escape::escape_literal(&format!(
                     "pgmm apply from {origin_node}"
                 ))
@@ -275,7 +278,21 @@ impl Applier {
         .await?;
         let sync_commit = prepare("SET LOCAL synchronous_commit = on").await?;
         let commit = prepare("COMMIT").await?;
+        let origins = sql::Origins(
+            client
+                .query(
+                    "SELECT roident::oid, substr(roname, 6) FROM pg_catalog.pg_replication_origin \
+                     WHERE roname LIKE 'pgmm\\_%'",
+                    &[],
+                )
+                .await
+                .map_err(ApplyError::db("reading the replication origins"))?
+                .iter()
+                .map(|r| (r.get::<_, u32>(0), r.get::<_, String>(1)))
+                .collect(),
+        );
         let mut applier = Applier {
+            origins,
             origin_node: origin_node.to_owned(),
             here: here.to_owned(),
             rules,
@@ -364,38 +381,45 @@ impl Applier {
         let rules = self.rules.clone();
         let here = self.here.clone();
         let origin = self.origin_node.clone();
+        let origins = self.origins.clone();
         let planner = Planner {
             origin: &origin,
             here: &here,
             conflict_column: &self.replication.conflict_column.clone(),
             rules: &rules,
+            origins: &origins,
         };
+        // The whole batch is one local transaction, recorded as the last remote one's: the
+        // origin's progress jumps to its end in the same commit as all the batch's data.
+        let last = txs
+            .last()
+            .expect("apply_batch passes at least one transaction");
+        steps.push((self.begin.clone(), Vec::new(), Step::Begin));
+        steps.push((
+            self.setup.clone(),
+            vec![
+                literal(format_lsn(last.end_lsn)),
+                literal(last.commit_time.to_string()),
+                literal(format_lsn(prev)),
+            ],
+            Step::Setup,
+        ));
         for (i, tx) in txs.iter().enumerate() {
             let tables = self.check_tables(&tx.changes)?;
-            steps.push((self.begin.clone(), Vec::new(), Step::Begin));
-            steps.push((
-                self.setup.clone(),
-                vec![
-                    literal(format_lsn(tx.end_lsn)),
-                    literal(tx.commit_time.to_string()),
-                    literal(format_lsn(prev)),
-                ],
-                Step::Setup,
-            ));
             for change in &tx.changes.changes {
                 let (text, params, step) =
-                    planner.plan(&tx.changes, &tables, change, tx.commit_time)?;
+                    planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?;
                 let table = first_table(change);
                 let statement = self.prepared(&text, &tables[table].0, &step).await?;
                 steps.push((statement, params, step));
             }
-            if sync && i + 1 == txs.len() {
-                steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
-            }
-            steps.push((self.commit.clone(), Vec::new(), Step::Commit));
             table_names.push(tables.into_iter().map(|(n, _)| n).collect());
             prev = tx.end_lsn;
         }
+        if sync {
+            steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
+        }
+        steps.push((self.commit.clone(), Vec::new(), Step::Commit));
         let client = &self.client;
         let results = join_all(steps.iter().map(|(statement, params, step)| async move {
             match step {
@@ -418,26 +442,21 @@ impl Applier {
         }))
         .await;
 
-        let mut tx_index = 0;
         let mut conflicts: Vec<(String, String, String)> = Vec::new();
         let mut failure: Option<ApplyError> = None;
         for ((_, _, step), result) in steps.iter().zip(results) {
             match (step, result) {
-                (Step::Change { table, .. }, Ok(recorded)) => {
+                (Step::Change { table, tx, .. }, Ok(recorded)) => {
                     for (kind, resolution) in recorded {
-                        conflicts.push((
-                            table_names[tx_index][*table].to_string(),
-                            kind,
-                            resolution,
-                        ));
+                        conflicts.push((table_names[*tx][*table].to_string(), kind, resolution));
                     }
                 }
                 (Step::Commit, Ok(_)) => {
                     if failure.is_none() {
-                        let tx = txs[tx_index];
-                        self.progress = tx.end_lsn;
-                        applied.transactions += 1;
-                        applied.changes += tx.changes.changes.len();
+                        self.progress = prev;
+                        applied.transactions += txs.len();
+                        applied.changes +=
+                            txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
                         applied.conflicts += conflicts.len();
                         for (table, kind, resolution) in conflicts.drain(..) {
                             self.metrics
@@ -451,15 +470,14 @@ impl Applier {
                             }
                         }
                     }
-                    tx_index += 1;
                 }
                 (_, Ok(_)) => {}
                 (step, Err(source)) => {
                     conflicts.clear();
                     if failure.is_none() {
                         failure = Some(match step {
-                            Step::Change { table, what } => ApplyError::Statement {
-                                table: table_names[tx_index][*table].clone(),
+                            Step::Change { table, what, tx } => ApplyError::Statement {
+                                table: table_names[*tx][*table].clone(),
                                 what,
                                 source,
                             },
@@ -472,9 +490,6 @@ impl Applier {
                                 source,
                             },
                         });
-                    }
-                    if matches!(step, Step::Commit) {
-                        tx_index += 1;
                     }
                 }
             }
@@ -537,6 +552,7 @@ struct Planner<'a> {
     here: &'a str,
     conflict_column: &'a str,
     rules: &'a OwnerRules,
+    origins: &'a sql::Origins,
 }
 
 impl Planner<'_> {
@@ -548,6 +564,7 @@ impl Planner<'_> {
             here: self.here,
             conflict_column: self.conflict_column,
             row_owner: row_owner_sql(self.rules, table),
+            origins: self.origins,
         }
     }
 
@@ -581,6 +598,7 @@ impl Planner<'_> {
         tables: &[(TableName, String)],
         change: &Change,
         commit_time: i64,
+        tx: usize,
     ) -> Result<(String, Vec<PgText>, Step), ApplyError> {
         match change {
             Change::Insert { table, new } => {
@@ -590,6 +608,7 @@ impl Planner<'_> {
                 let step = Step::Change {
                     table: *table as usize,
                     what: "INSERT",
+                    tx,
                 };
                 if !self.may_write(desc, name, Some(new)) {
                     return Ok(self.violation(quoted, name, &columns, new, step));
@@ -613,6 +632,7 @@ impl Planner<'_> {
                 let step = Step::Change {
                     table: *table as usize,
                     what: "UPDATE",
+                    tx,
                 };
                 if !self.may_write(desc, name, Some(new)) {
                     let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
@@ -681,6 +701,7 @@ impl Planner<'_> {
                 let step = Step::Change {
                     table: *table as usize,
                     what: "DELETE",
+                    tx,
                 };
                 if !self.may_write(desc, name, None) {
                     return Ok(self.violation(quoted, name, &columns, key, step));
@@ -705,6 +726,7 @@ impl Planner<'_> {
                 let step = Step::Change {
                     table: which[0] as usize,
                     what: "TRUNCATE",
+                    tx,
                 };
                 let mut names = Vec::with_capacity(which.len());
                 for t in which {

@@ -43,6 +43,32 @@ pub struct Lww<'a> {
     /// For row-owned tables: an SQL expression over the local row `l` that names its owner
     /// node, so that a change to a row its origin does not own is refused.
     pub row_owner: Option<String>,
+    /// The replication origins of the cluster's nodes, by id.
+    pub origins: &'a Origins,
+}
+
+/// The replication origins `pgmm_<node>` of this database, by id (`pg_replication_origin`),
+/// read when an apply session opens. Row versions are attributed by origin id, which the
+/// commit timestamp records, so the common comparison ("was the local row written by the
+/// change's origin?") is one integer comparison; names are needed only to break ties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins(pub Vec<(u32, String)>);
+
+impl Origins {
+    pub fn id_of(&self, node: &str) -> Option<u32> {
+        self.0.iter().find(|(_, n)| n == node).map(|(id, _)| *id)
+    }
+
+    /// The node whose origin id is `expr`: `here` for 0 (a local transaction) and for origins
+    /// that are not pgmm's.
+    fn name_sql(&self, expr: &str, here: &str) -> String {
+        let mut sql = format!("(CASE {expr}");
+        for (id, name) in &self.0 {
+            let _ = write!(sql, " WHEN {id} THEN {}", escape_literal(name));
+        }
+        let _ = write!(sql, " ELSE {} END)", escape_literal(here));
+        sql
+    }
 }
 
 /// How a change ended up, by the action its statement chose: (action, kind, resolution).
@@ -67,6 +93,11 @@ impl Lww<'_> {
         escape_literal(self.origin)
     }
 
+    /// The origin's id; 0 (never a row's origin but a local one) if it is unknown.
+    fn origin_id(&self) -> u32 {
+        self.origins.id_of(self.origin).unwrap_or(0)
+    }
+
     /// `(ru > cu OR (ru = cu AND origin > co))` in the byte order of node names: whether the
     /// remote version `(ru, origin)` is newer than `(cu, co)`.
     fn newer(&self, ru: &str, cu: &str, co: &str) -> String {
@@ -76,14 +107,18 @@ impl Lww<'_> {
         )
     }
 
-    /// The local row's version (and owner), locked: `cur(found, u, o[, owner])`.
+    /// The local row's version (and owner), locked: `cur(found, u, o[, owner])`, where `o` is
+    /// the id of the replication origin that wrote it (0: this node). The commit timestamp has
+    /// no origin for a version too old to be tracked (written here, as far as anyone knows) or
+    /// for one written by the transaction running now (this apply transaction: its origin).
     fn cur(&self, key: &[&str], params: &[usize]) -> String {
         let mut sql = format!(
             "cur AS (SELECT true AS found, coalesce(l.{u}, '-infinity'::timestamptz) AS u, \
-             pgmm.row_origin(l.xmin, {here}, {origin}) AS o",
+             coalesce((pg_catalog.pg_xact_commit_timestamp_origin(l.xmin)).roident, \
+             CASE WHEN l.xmin = pg_catalog.pg_current_xact_id_if_assigned()::text::xid \
+             THEN {id}::oid ELSE 0::oid END) AS o",
             u = escape_identifier(self.conflict_column),
-            here = escape_literal(self.here),
-            origin = self.origin_lit(),
+            id = self.origin_id(),
         );
         if let Some(owner) = &self.row_owner {
             let _ = write!(sql, ", {owner} AS owner");
@@ -128,7 +163,7 @@ impl Lww<'_> {
              c.found, t.u AS tomb_u, t.o AS tomb_o \
              FROM (SELECT coalesce(${u_param}, '-infinity'::timestamptz) AS u) AS r \
              LEFT JOIN cur AS c ON true LEFT JOIN tomb AS t ON true)",
-            newer = self.newer("r.u", "c.u", "c.o"),
+            newer = self.newer("r.u", "c.u", &self.origins.name_sql("c.o", self.here)),
             sequential = self.sequential(old_param),
         );
         sql
@@ -139,7 +174,7 @@ impl Lww<'_> {
     /// (its writer had seen it). `old_param` holds the replaced version's stamp in
     /// microseconds, when the origin's trigger announced it.
     fn sequential(&self, old_param: Option<usize>) -> String {
-        let mut sql = format!("c.o = {}", self.origin_lit());
+        let mut sql = format!("c.o = {}", self.origin_id());
         if let Some(p) = old_param {
             let _ = write!(sql, " OR c.u = {}", micros_param(p));
         }
@@ -149,7 +184,7 @@ impl Lww<'_> {
     fn tomb(&self, params: &[usize]) -> String {
         format!(
             "tomb AS (SELECT t.deleted_at AS u, t.origin AS o FROM pgmm.tombstones AS t \
-             WHERE t.table_name = {} AND t.key = {})",
+             WHERE t.table_name = {} AND t.key = {} AND NOT EXISTS (SELECT 1 FROM cur))",
             escape_literal(self.label),
             Self::key_json(params)
         )
@@ -285,7 +320,7 @@ impl Lww<'_> {
              WHEN {newer} THEN 'apply_remote' ELSE 'keep_local' END AS action, \
              c.found, NULL::timestamptz AS tomb_u, NULL::text AS tomb_o, r.u AS ru \
              FROM (SELECT {stamp} AS u) AS r LEFT JOIN cur AS c ON true)",
-            newer = self.newer("r.u", "c.u", "c.o"),
+            newer = self.newer("r.u", "c.u", &self.origins.name_sql("c.o", self.here)),
             sequential = self.sequential(Some(key.len() + 2)),
             stamp = micros_param(stamp),
         );
@@ -391,8 +426,12 @@ fn list(sql: &mut String, items: &[&str], mut each: impl FnMut(&mut String, &str
 mod tests {
     use super::*;
 
+    static ORIGINS: std::sync::LazyLock<Origins> =
+        std::sync::LazyLock::new(|| Origins(vec![(1, "b".into()), (2, "c".into())]));
+
     fn lww(row_owner: Option<String>) -> Lww<'static> {
         Lww {
+            origins: &ORIGINS,
             table: "\"public\".\"t\"",
             label: "public.t",
             origin: "b",
@@ -431,7 +470,7 @@ mod tests {
         );
         assert!(sql.contains("'insert_exists', 'keep_local'"), "{sql}");
         assert!(
-            sql.contains("'b' COLLATE \"C\" > c.o COLLATE \"C\""),
+            sql.contains("'b' COLLATE \"C\" > (CASE c.o WHEN 1 THEN 'b' WHEN 2 THEN 'c' ELSE 'a' END) COLLATE \"C\""),
             "{sql}"
         );
         assert!(!sql.contains("violation' WHEN"), "{sql}");
