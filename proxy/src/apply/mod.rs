@@ -404,17 +404,32 @@ impl Applier {
             ],
             Step::Setup,
         ));
+        let start = prev;
+        let mut planned: Vec<Planned> = Vec::new();
         for (i, tx) in txs.iter().enumerate() {
             let tables = self.check_tables(&tx.changes)?;
             for change in &tx.changes.changes {
-                let (text, params, step) =
-                    planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?;
-                let table = first_table(change);
-                let statement = self.prepared(&text, &tables[table].0, &step).await?;
-                steps.push((statement, params, step));
+                let mut p = planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?;
+                p.table = tables[first_table(change)].0.clone();
+                planned.push(p);
             }
             table_names.push(tables.into_iter().map(|(n, _)| n).collect());
             prev = tx.end_lsn;
+        }
+        // Conflicts are rare: first try every change's fast path, which only applies changes
+        // that follow from the local rows without a conflict. If one of them does not, the
+        // attempt is rolled back and the batch is applied by the full statements.
+        if planned.iter().all(|p| !matches!(p.fast, Fast::No))
+            && self.try_fast(&planned, last, start, sync).await?
+        {
+            self.progress = prev;
+            applied.transactions += txs.len();
+            applied.changes += txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
+            return Ok(());
+        }
+        for p in planned {
+            let statement = self.prepared(&p.slow, &p.table, &p.step).await?;
+            steps.push((statement, p.params, p.step));
         }
         if sync {
             steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
@@ -500,6 +515,89 @@ impl Applier {
         }
     }
 
+    /// The fast attempt at a batch (see `pipeline`): BEGIN, the origin setup and every change's
+    /// fast statement as one pipeline; commits (true) when every change took its fast path,
+    /// rolls back (false) when one did not.
+    async fn try_fast(
+        &mut self,
+        planned: &[Planned],
+        last: &RemoteTx,
+        start: Lsn,
+        sync: bool,
+    ) -> Result<bool, ApplyError> {
+        let mut steps: Vec<(Statement, Vec<PgText>, Step, Option<&TableName>)> = vec![
+            (self.begin.clone(), Vec::new(), Step::Begin, None),
+            (
+                self.setup.clone(),
+                vec![
+                    literal(format_lsn(last.end_lsn)),
+                    literal(last.commit_time.to_string()),
+                    literal(format_lsn(start)),
+                ],
+                Step::Setup,
+                None,
+            ),
+        ];
+        for p in planned {
+            let (text, counted) = match &p.fast {
+                Fast::Text(t) => (t, true),
+                Fast::Same => (&p.slow, false),
+                Fast::No => unreachable!("checked by the caller"),
+            };
+            let statement = self.prepared(text, &p.table, &p.step).await?;
+            steps.push((
+                statement,
+                p.params.clone(),
+                p.step.clone(),
+                counted.then_some(&p.table),
+            ));
+        }
+        let client = &self.client;
+        let results = join_all(
+            steps
+                .iter()
+                .map(|(statement, params, _, _)| client.execute_raw(statement, params.clone())),
+        )
+        .await;
+        let mut hit = true;
+        for ((_, _, step, counted), result) in steps.iter().zip(results) {
+            match result {
+                Ok(n) => hit &= counted.is_none() || n == 1,
+                Err(source) => {
+                    return Err(match (step, counted) {
+                        (Step::Change { what, .. }, Some(table)) => ApplyError::Statement {
+                            table: (*table).clone(),
+                            what,
+                            source,
+                        },
+                        _ => ApplyError::Database {
+                            what: "starting the transaction under the replication origin",
+                            source,
+                        },
+                    })
+                }
+            }
+        }
+        if !hit {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(ApplyError::db("rolling back the fast attempt"))?;
+            return Ok(false);
+        }
+        if sync {
+            self.client
+                .execute(&self.sync_commit, &[])
+                .await
+                .map_err(ApplyError::db("committing"))?;
+        }
+        self.client
+            .execute(&self.commit, &[])
+            .await
+            .map_err(ApplyError::db("committing"))?;
+        Ok(true)
+    }
+
     /// Each table's name and quoted name, after checking it replicates here.
     fn check_tables(&self, set: &ChangeSet) -> Result<Vec<(TableName, String)>, ApplyError> {
         set.tables
@@ -546,6 +644,29 @@ impl Applier {
     }
 }
 
+/// How a change may be tried on the fast path (see `Applier::try_fast`).
+#[derive(Debug, Clone)]
+enum Fast {
+    /// A statement that applies the change only when it is no conflict, with the same
+    /// parameters as the full one; one row affected means it did.
+    Text(String),
+    /// The full statement is the fast one too (TRUNCATE).
+    Same,
+    /// Only the full statement will do (a change refused by ownership).
+    No,
+}
+
+/// One change, planned.
+struct Planned {
+    /// The full last-writer-wins statement.
+    slow: String,
+    fast: Fast,
+    params: Vec<PgText>,
+    step: Step,
+    /// The table it is reported under (a TRUNCATE's first).
+    table: TableName,
+}
+
 /// Who applies: what [`plan`] needs besides the change.
 struct Planner<'a> {
     origin: &'a str,
@@ -590,8 +711,8 @@ impl Planner<'_> {
         }
     }
 
-    /// The statement text, values and step of one change of a transaction committed at
-    /// `commit_time`.
+    /// The statements, values and step of one change of a transaction committed at
+    /// `commit_time`, the `tx`-th of its batch.
     fn plan(
         &self,
         set: &ChangeSet,
@@ -599,7 +720,25 @@ impl Planner<'_> {
         change: &Change,
         commit_time: i64,
         tx: usize,
-    ) -> Result<(String, Vec<PgText>, Step), ApplyError> {
+    ) -> Result<Planned, ApplyError> {
+        let (slow, fast, params, step) = self.plan_change(set, tables, change, commit_time, tx)?;
+        Ok(Planned {
+            slow,
+            fast,
+            params,
+            step,
+            table: TableName::new("", ""),
+        })
+    }
+
+    fn plan_change(
+        &self,
+        set: &ChangeSet,
+        tables: &[(TableName, String)],
+        change: &Change,
+        commit_time: i64,
+        tx: usize,
+    ) -> Result<(String, Fast, Vec<PgText>, Step), ApplyError> {
         match change {
             Change::Insert { table, new } => {
                 let (desc, quoted, name) = table_at(set, tables, *table)?;
@@ -611,15 +750,16 @@ impl Planner<'_> {
                     tx,
                 };
                 if !self.may_write(desc, name, Some(new)) {
-                    return Ok(self.violation(quoted, name, &columns, new, step));
+                    let (text, params, step) = self.violation(quoted, name, &columns, new, step);
+                    return Ok((text, Fast::No, params, step));
                 }
                 let u = self.conflict_position(desc, name)?;
                 let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
                 let label = name.to_string();
-                let text = self
-                    .lww(quoted, &label, name)
-                    .insert(&columns, &desc.key, u);
-                Ok((text, params, step))
+                let lww = self.lww(quoted, &label, name);
+                let text = lww.insert(&columns, &desc.key, u);
+                let fast = Fast::Text(lww.insert_fast(&columns, &desc.key));
+                Ok((text, fast, params, step))
             }
             Change::Update {
                 table,
@@ -636,7 +776,8 @@ impl Planner<'_> {
                 };
                 if !self.may_write(desc, name, Some(new)) {
                     let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
-                    return Ok(self.violation(quoted, name, &columns, new, step));
+                    let (text, params, step) = self.violation(quoted, name, &columns, new, step);
+                    return Ok((text, Fast::No, params, step));
                 }
                 // Unchanged TOAST values are left out of SET, which keeps the local value.
                 let mut set_columns = Vec::with_capacity(new.len());
@@ -678,10 +819,10 @@ impl Planner<'_> {
                 // A missing row can only be inserted when the change carries all of it.
                 let whole = set_columns.len() == desc.columns.len();
                 let label = name.to_string();
-                let text = self
-                    .lww(quoted, &label, name)
-                    .update(&set_columns, &key, u, whole);
-                Ok((text, params, step))
+                let lww = self.lww(quoted, &label, name);
+                let text = lww.update(&set_columns, &key, u, whole);
+                let fast = Fast::Text(lww.update_fast(&set_columns, &key));
+                Ok((text, fast, params, step))
             }
             Change::Delete {
                 table,
@@ -704,7 +845,8 @@ impl Planner<'_> {
                     tx,
                 };
                 if !self.may_write(desc, name, None) {
-                    return Ok(self.violation(quoted, name, &columns, key, step));
+                    let (text, params, step) = self.violation(quoted, name, &columns, key, step);
+                    return Ok((text, Fast::No, params, step));
                 }
                 let mut params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
                 // A delete made without pgmm's trigger (before it was installed) carries no
@@ -712,8 +854,10 @@ impl Planner<'_> {
                 params.push(literal(deleted_at.unwrap_or(commit_time).to_string()));
                 params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
                 let label = name.to_string();
-                let text = self.lww(quoted, &label, name).delete(&columns);
-                Ok((text, params, step))
+                let lww = self.lww(quoted, &label, name);
+                let text = lww.delete(&columns);
+                let fast = Fast::Text(lww.delete_fast(&columns));
+                Ok((text, fast, params, step))
             }
             Change::Truncate {
                 tables: which,
@@ -739,12 +883,15 @@ impl Planner<'_> {
                         Some(_) => false,
                     };
                     if !allowed {
-                        return Ok(self.violation(quoted, name, &["truncate"], &[], step));
+                        let (text, params, step) =
+                            self.violation(quoted, name, &["truncate"], &[], step);
+                        return Ok((text, Fast::No, params, step));
                     }
                     names.push(quoted.to_owned());
                 }
                 Ok((
                     sql::truncate(&names, *cascade, *restart_identity),
+                    Fast::Same,
                     Vec::new(),
                     step,
                 ))

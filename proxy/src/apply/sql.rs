@@ -350,6 +350,93 @@ impl Lww<'_> {
         )
     }
 
+    /// The origin id of the local row `l`, as in [`Lww::cur`].
+    fn row_origin_id(&self) -> String {
+        format!(
+            "coalesce((pg_catalog.pg_xact_commit_timestamp_origin(l.xmin)).roident, \
+             CASE WHEN l.xmin = pg_catalog.pg_current_xact_id_if_assigned()::text::xid \
+             THEN {id}::oid ELSE 0::oid END)",
+            id = self.origin_id()
+        )
+    }
+
+    /// ` AND (<sequential>)[ AND <owner> = origin]` over the local row `l`: the row follows
+    /// from the change without a conflict (see [`Lww::sequential`]), and its origin owns it.
+    fn fast_condition(&self, old_param: Option<usize>) -> String {
+        let mut sql = format!(" AND ({} = {}", self.row_origin_id(), self.origin_id());
+        if let Some(p) = old_param {
+            let _ = write!(
+                sql,
+                " OR l.{} = {}",
+                escape_identifier(self.conflict_column),
+                micros_param(p)
+            );
+        }
+        sql.push(')');
+        if let Some(owner) = &self.row_owner {
+            let _ = write!(sql, " AND {owner} = {}", self.origin_lit());
+        }
+        sql
+    }
+
+    /// The fast path of [`Lww::insert`], with the same parameters: one row when the key was
+    /// free and has no tombstone at all, i.e. exactly when the full statement would insert
+    /// without a conflict; otherwise the caller falls back to the full statement.
+    pub fn insert_fast(&self, columns: &[&str], key: &[usize]) -> String {
+        let values: Vec<String> = (1..=columns.len()).map(|p| format!("${p}")).collect();
+        let key_params: Vec<usize> = key.iter().map(|k| k + 1).collect();
+        format!(
+            "WITH ins AS (INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING 1) \
+             SELECT 1 FROM ins WHERE NOT EXISTS (SELECT 1 FROM pgmm.tombstones AS t \
+             WHERE t.table_name = {} AND t.key = {})",
+            self.table,
+            columns
+                .iter()
+                .map(|c| escape_identifier(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            values.join(", "),
+            escape_literal(self.label),
+            Self::key_json(&key_params),
+        )
+    }
+
+    /// The fast path of [`Lww::update`], with the same parameters: one row when the local row
+    /// follows from the change without a conflict.
+    pub fn update_fast(&self, set: &[&str], key: &[&str]) -> String {
+        let key_params: Vec<usize> = (set.len() + 1..=set.len() + key.len()).collect();
+        let mut sql = format!("UPDATE {} AS l SET ", self.table);
+        list(&mut sql, set, |sql, c, i| {
+            let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
+        });
+        where_key_params(&mut sql, "l", key, &key_params);
+        sql.push_str(&self.fast_condition(Some(set.len() + key.len() + 1)));
+        sql
+    }
+
+    /// The fast path of [`Lww::delete`], with the same parameters: one row when the local row
+    /// follows from the change without a conflict (it is deleted and its tombstone recorded).
+    pub fn delete_fast(&self, key: &[&str]) -> String {
+        let key_params: Vec<usize> = (1..=key.len()).collect();
+        let mut del = format!("WITH del AS (DELETE FROM {} AS l", self.table);
+        where_key_params(&mut del, "l", key, &key_params);
+        del.push_str(&self.fast_condition(Some(key.len() + 2)));
+        del.push_str(" RETURNING 1)");
+        format!(
+            "{del}, tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
+             SELECT {label}, {key_json}, {stamp}, {origin} FROM del \
+             ON CONFLICT (table_name, key) DO UPDATE \
+             SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin, local_lsn = EXCLUDED.local_lsn \
+             WHERE EXCLUDED.deleted_at > x.deleted_at OR (EXCLUDED.deleted_at = x.deleted_at \
+             AND EXCLUDED.origin COLLATE \"C\" > x.origin COLLATE \"C\") RETURNING 1) \
+             SELECT 1 FROM del",
+            label = escape_literal(self.label),
+            key_json = Self::key_json(&key_params),
+            stamp = micros_param(key.len() + 1),
+            origin = self.origin_lit(),
+        )
+    }
+
     /// Records a change refused before it ran (its origin may not make it): the remote tuple's
     /// `columns` are `$1..` as text.
     pub fn violation(&self, columns: &[&str]) -> String {
@@ -494,6 +581,27 @@ mod tests {
         let whole = lww(None).update(&["id", "v", "updated_at"], &["id"], 2, true);
         assert!(whole.contains("ins AS (INSERT INTO"), "{whole}");
         assert!(whole.contains("WHERE l.\"id\" = $4"), "{whole}");
+    }
+
+    #[test]
+    fn fast_paths_apply_only_what_follows_from_the_local_row() {
+        let l = lww(Some("l.\"home\"::text".into()));
+        let upd = l.update_fast(&["v", "updated_at"], &["id"]);
+        assert!(upd.starts_with("UPDATE \"public\".\"t\" AS l SET \"v\" = $1, \"updated_at\" = $2 WHERE l.\"id\" = $3 AND ("), "{upd}");
+        assert!(upd.contains("THEN 1::oid ELSE 0::oid END) = 1 OR l.\"updated_at\" = (timestamptz '2000-01-01 00:00:00+00' + $4::text::bigint"), "{upd}");
+        assert!(upd.ends_with("AND l.\"home\"::text = 'b'"), "{upd}");
+        let ins = lww(None).insert_fast(&["v", "id"], &[1]);
+        assert!(
+            ins.contains("VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1)"),
+            "{ins}"
+        );
+        assert!(
+            ins.contains("t.key = pg_catalog.jsonb_build_array($2::text))"),
+            "{ins}"
+        );
+        let del = lww(None).delete_fast(&["id"]);
+        assert!(del.contains("$3::text::bigint"), "{del}");
+        assert!(del.ends_with("SELECT 1 FROM del"), "{del}");
     }
 
     #[test]
