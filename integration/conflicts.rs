@@ -537,3 +537,49 @@ fn a_change_its_origin_may_not_make_is_refused_by_every_peer() {
         );
     }
 }
+
+#[test]
+fn tombstones_are_purged_only_when_old_enough_and_every_peer_has_passed_them() {
+    let c = cluster_with(2, ClusterOptions::default(), &[("t", COLUMNS)]);
+    let a = c.front_door(0);
+    a.exec("INSERT INTO t (id, v) VALUES (1, 'x')");
+    c.wait_converged("t", 1);
+    a.exec("DELETE FROM t WHERE id = 1");
+    c.wait_converged("t", 0);
+    // b has applied the delete; wait until a's slot for b has confirmed past the tombstone.
+    c.wait_nodes(
+        "a's slot for b past the tombstone",
+        &[0],
+        "SELECT count(*) FROM pgmm.tombstones t, pg_replication_slots s \
+         WHERE s.slot_name = 'pgmm_b' AND s.confirmed_flush_lsn > t.local_lsn",
+        "1",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let purged = |slots: &[&str], retention: &str| -> u64 {
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(
+                &c.pg(0).conninfo("postgres", "postgres"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            let conn = tokio::spawn(conn);
+            let slots: Vec<String> = slots.iter().map(|s| s.to_string()).collect();
+            let n = pgmm::node::purge_tombstones(&client, &slots, retention)
+                .await
+                .unwrap();
+            drop(client);
+            let _ = conn.await;
+            n
+        })
+    };
+    // Too young for a one-hour retention.
+    assert_eq!(purged(&["pgmm_b"], "1 hour"), 0);
+    // A peer whose slot is missing may not have seen it.
+    assert_eq!(purged(&["pgmm_b", "pgmm_gone"], "0 seconds"), 0);
+    assert_eq!(purged(&["pgmm_b"], "0 seconds"), 1);
+    assert_eq!(c.scalar(0, "SELECT count(*) FROM pgmm.tombstones"), "0");
+}

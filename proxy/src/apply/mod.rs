@@ -205,6 +205,7 @@ pub struct Applier {
     replication: ReplicationConfig,
     metrics: ReplicationMetrics,
     statements: HashMap<String, Statement>,
+    texts: Texts,
     origins: sql::Origins,
     begin: Statement,
     setup: Statement,
@@ -292,6 +293,7 @@ impl Applier {
                 .collect(),
         );
         let mut applier = Applier {
+            texts: Texts::default(),
             origins,
             origin_node: origin_node.to_owned(),
             here: here.to_owned(),
@@ -388,6 +390,7 @@ impl Applier {
             conflict_column: &self.replication.conflict_column.clone(),
             rules: &rules,
             origins: &origins,
+            texts: &self.texts,
         };
         // The whole batch is one local transaction, recorded as the last remote one's: the
         // origin's progress jumps to its end in the same commit as all the batch's data.
@@ -649,7 +652,7 @@ impl Applier {
 enum Fast {
     /// A statement that applies the change only when it is no conflict, with the same
     /// parameters as the full one; one row affected means it did.
-    Text(String),
+    Text(Arc<str>),
     /// The full statement is the fast one too (TRUNCATE).
     Same,
     /// Only the full statement will do (a change refused by ownership).
@@ -659,7 +662,7 @@ enum Fast {
 /// One change, planned.
 struct Planned {
     /// The full last-writer-wins statement.
-    slow: String,
+    slow: Arc<str>,
     fast: Fast,
     params: Vec<PgText>,
     step: Step,
@@ -674,9 +677,33 @@ struct Planner<'a> {
     conflict_column: &'a str,
     rules: &'a OwnerRules,
     origins: &'a sql::Origins,
+    texts: &'a Texts,
 }
 
+/// Statement texts (full, fast) by the shape of the change, so that the texts of a shape seen
+/// before are not built again (they are a few kilobytes each).
+type Texts = std::sync::Mutex<HashMap<String, (Arc<str>, Arc<str>)>>;
+
 impl Planner<'_> {
+    /// The texts of `shape`, built by `build` the first time.
+    fn texts(
+        &self,
+        shape: String,
+        build: impl FnOnce() -> (String, String),
+    ) -> (Arc<str>, Arc<str>) {
+        let mut texts = self
+            .texts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        texts
+            .entry(shape)
+            .or_insert_with(|| {
+                let (slow, fast) = build();
+                (Arc::from(slow), Arc::from(fast))
+            })
+            .clone()
+    }
+
     fn lww<'b>(&'b self, quoted: &'b str, label: &'b str, table: &TableName) -> sql::Lww<'b> {
         sql::Lww {
             table: quoted,
@@ -738,7 +765,7 @@ impl Planner<'_> {
         change: &Change,
         commit_time: i64,
         tx: usize,
-    ) -> Result<(String, Fast, Vec<PgText>, Step), ApplyError> {
+    ) -> Result<(Arc<str>, Fast, Vec<PgText>, Step), ApplyError> {
         match change {
             Change::Insert { table, new } => {
                 let (desc, quoted, name) = table_at(set, tables, *table)?;
@@ -751,15 +778,24 @@ impl Planner<'_> {
                 };
                 if !self.may_write(desc, name, Some(new)) {
                     let (text, params, step) = self.violation(quoted, name, &columns, new, step);
-                    return Ok((text, Fast::No, params, step));
+                    return Ok((text.into(), Fast::No, params, step));
                 }
                 let u = self.conflict_position(desc, name)?;
                 let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-                let label = name.to_string();
-                let lww = self.lww(quoted, &label, name);
-                let text = lww.insert(&columns, &desc.key, u);
-                let fast = Fast::Text(lww.insert_fast(&columns, &desc.key));
-                Ok((text, fast, params, step))
+                let shape = format!(
+                    "I\u{1f}{quoted}\u{1f}{}\u{1f}{:?}",
+                    columns.join("\u{1f}"),
+                    desc.key
+                );
+                let (text, fast) = self.texts(shape, || {
+                    let label = name.to_string();
+                    let lww = self.lww(quoted, &label, name);
+                    (
+                        lww.insert(&columns, &desc.key, u),
+                        lww.insert_fast(&columns, &desc.key),
+                    )
+                });
+                Ok((text, Fast::Text(fast), params, step))
             }
             Change::Update {
                 table,
@@ -777,7 +813,7 @@ impl Planner<'_> {
                 if !self.may_write(desc, name, Some(new)) {
                     let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
                     let (text, params, step) = self.violation(quoted, name, &columns, new, step);
-                    return Ok((text, Fast::No, params, step));
+                    return Ok((text.into(), Fast::No, params, step));
                 }
                 // Unchanged TOAST values are left out of SET, which keeps the local value.
                 let mut set_columns = Vec::with_capacity(new.len());
@@ -818,11 +854,20 @@ impl Planner<'_> {
                 params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
                 // A missing row can only be inserted when the change carries all of it.
                 let whole = set_columns.len() == desc.columns.len();
-                let label = name.to_string();
-                let lww = self.lww(quoted, &label, name);
-                let text = lww.update(&set_columns, &key, u, whole);
-                let fast = Fast::Text(lww.update_fast(&set_columns, &key));
-                Ok((text, fast, params, step))
+                let shape = format!(
+                    "U\u{1f}{quoted}\u{1f}{}\u{1f}{}",
+                    set_columns.join("\u{1f}"),
+                    key.join("\u{1f}")
+                );
+                let (text, fast) = self.texts(shape, || {
+                    let label = name.to_string();
+                    let lww = self.lww(quoted, &label, name);
+                    (
+                        lww.update(&set_columns, &key, u, whole),
+                        lww.update_fast(&set_columns, &key),
+                    )
+                });
+                Ok((text, Fast::Text(fast), params, step))
             }
             Change::Delete {
                 table,
@@ -846,18 +891,20 @@ impl Planner<'_> {
                 };
                 if !self.may_write(desc, name, None) {
                     let (text, params, step) = self.violation(quoted, name, &columns, key, step);
-                    return Ok((text, Fast::No, params, step));
+                    return Ok((text.into(), Fast::No, params, step));
                 }
                 let mut params = key.iter().map(text).collect::<Result<Vec<_>, _>>()?;
                 // A delete made without pgmm's trigger (before it was installed) carries no
                 // stamp: its transaction's commit time is the best there is.
                 params.push(literal(deleted_at.unwrap_or(commit_time).to_string()));
                 params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
-                let label = name.to_string();
-                let lww = self.lww(quoted, &label, name);
-                let text = lww.delete(&columns);
-                let fast = Fast::Text(lww.delete_fast(&columns));
-                Ok((text, fast, params, step))
+                let shape = format!("D\u{1f}{quoted}\u{1f}{}", columns.join("\u{1f}"));
+                let (text, fast) = self.texts(shape, || {
+                    let label = name.to_string();
+                    let lww = self.lww(quoted, &label, name);
+                    (lww.delete(&columns), lww.delete_fast(&columns))
+                });
+                Ok((text, Fast::Text(fast), params, step))
             }
             Change::Truncate {
                 tables: which,
@@ -885,12 +932,12 @@ impl Planner<'_> {
                     if !allowed {
                         let (text, params, step) =
                             self.violation(quoted, name, &["truncate"], &[], step);
-                        return Ok((text, Fast::No, params, step));
+                        return Ok((text.into(), Fast::No, params, step));
                     }
                     names.push(quoted.to_owned());
                 }
                 Ok((
-                    sql::truncate(&names, *cascade, *restart_identity),
+                    sql::truncate(&names, *cascade, *restart_identity).into(),
                     Fast::Same,
                     Vec::new(),
                     step,

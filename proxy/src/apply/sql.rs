@@ -3,8 +3,15 @@
 //! the whole cache key.
 //!
 //! Every value is a parameter, sent in text format and parsed by the local server into the
-//! column's own type: Postgres infers each parameter's type from the column it is compared
-//! with or assigned to, so no type needs to be known here.
+//! column's own type. Postgres infers a parameter's type where it first meets it, so each
+//! statement is written so that every parameter first appears next to its column (compared
+//! with a key, assigned in SET, inserted in VALUES); later uses cast from that type.
+//!
+//! [`Lww`] builds the last-writer-wins statement of each operation: CTEs that lock the local
+//! row and read its version, look up the key's tombstone, decide an action, perform it, and log
+//! the conflict (returning `(kind, resolution)` rows), in one statement, so the decision, the
+//! data and the log commit together. It also builds each operation's fast path: a plain
+//! statement that applies the change only in the no-conflict case.
 
 use std::fmt::Write as _;
 
