@@ -360,10 +360,31 @@ fn random_run(seed: u64) {
         .collect::<Vec<_>>()
         .join(",");
     let rows = newest.values().filter(|(_, v)| v.is_some()).count();
-    c.wait_all(
+    // Two minutes: the last restart's peers may be deep in their reconnect backoff, on a loaded
+    // machine. On a timeout, every node's rows and conflicts are printed with the seed.
+    wait_for(
         "every row equal to its newest write",
-        "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t",
-        &expected,
+        Duration::from_secs(120),
+        || {
+            let seen: Vec<String> = (0..3)
+                .map(|i| {
+                    c.try_scalar(
+                        i,
+                        "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t",
+                    )
+                    .map(|v| v.unwrap_or_default())
+                    .unwrap_or_else(|e| format!("error: {e}"))
+                })
+                .collect();
+            if seen.iter().all(|v| *v == expected) {
+                Ok(())
+            } else {
+                let conflicts: Vec<Vec<String>> = (0..3).map(|i| c.conflicts(i)).collect();
+                Err(format!(
+                    "seed {seed}: expected {expected}\nseen {seen:#?}\nnewest {newest:?}\nconflicts {conflicts:#?}"
+                ))
+            }
+        },
     );
     c.wait_converged_within("t", rows, Duration::from_secs(90));
     for i in 0..3 {
