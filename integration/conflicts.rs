@@ -6,22 +6,11 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use harness::{wait_for, ClusterOptions, TestCluster};
+use harness::{heavy_lock, wait_for, ClusterOptions, TestCluster};
 
 const COLUMNS: &str = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
-
-/// Clusters of three take turns: on a 2-core machine several side by side mostly measure each
-/// other, and the randomized test restarts nodes a lot.
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn cluster_with(n: usize, opts: ClusterOptions, tables: &[(&str, &str)]) -> TestCluster {
     let mut c = TestCluster::prepare(n, opts);

@@ -8,24 +8,13 @@ mod harness;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{wait_for, ClusterOptions, NodeOverride, TestCluster};
+use harness::{heavy_lock, wait_for, ClusterOptions, NodeOverride, TestCluster};
 
 /// The usual replicated table: a primary key and the conflict column.
 const COLUMNS: &str = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
-
-/// The tests that push tens of thousands of transactions through a cluster take turns: on a
-/// 2-core machine two of them side by side would mostly measure each other.
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A cluster of `n` nodes with `COLUMNS` table `table` on each, created before pgmm starts.
 fn cluster_with(n: usize, table: &str, opts: ClusterOptions) -> TestCluster {

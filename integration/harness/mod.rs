@@ -28,6 +28,15 @@ pub use postgres::{PgCluster, PgOptions, MD5_USER, SCRAM_USER};
 
 /// A TCP port that was free a moment ago. Callers that bind it later retry on "address in use", since
 /// another test may have been handed the same port in between.
+/// Serialises the tests of one binary that push many transactions through a cluster or restart
+/// nodes a lot: on a 2-core machine two of them side by side would mostly measure each other.
+pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -21,6 +21,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use thiserror::Error;
 use tokio_postgres::GenericClient;
 
+use crate::apply::sql::qualified;
 use crate::config::OwnerSpec;
 use crate::enrol::EnrolledTable;
 use crate::migrate::pg_error_text;
@@ -313,11 +314,7 @@ pub async fn install(
         table: table.name.clone(),
         source,
     };
-    let quoted = format!(
-        "{}.{}",
-        escape_identifier(&table.name.schema),
-        escape_identifier(&table.name.name)
-    );
+    let quoted = qualified(&table.name.schema, &table.name.name);
     let mut wanted = vec![(
         guard.row_function.clone(),
         guard.row_body.clone(),
@@ -416,11 +413,7 @@ async fn align_sequence(
         table: table.name.clone(),
         source,
     };
-    let quoted = format!(
-        "{}.{}",
-        escape_identifier(&table.name.schema),
-        escape_identifier(&table.name.name)
-    );
+    let quoted = qualified(&table.name.schema, &table.name.name);
     let Some(row) = client
         .query_opt(
             "SELECT s.seqrelid::regclass::text, s.seqincrement FROM pg_catalog.pg_sequence s \

@@ -189,7 +189,7 @@ pub struct Applied {
     pub duplicates: usize,
 }
 
-/// A batch that stopped at a failing transaction; the ones before it are committed.
+/// A batch that failed and was rolled back as a whole.
 #[derive(Debug)]
 pub struct BatchError {
     pub applied: Applied,
@@ -336,10 +336,10 @@ impl Applier {
         self.client.is_closed()
     }
 
-    /// Applies remote transactions in order, each as one local transaction, as one pipeline.
-    /// With `sync`, the last commit waits for the WAL flush, which makes the whole batch
-    /// durable: only then may it be acknowledged. On error, the transactions before the failing
-    /// one are committed (asynchronously) and reported in [`BatchError::applied`].
+    /// Applies remote transactions in order, together as one local transaction. With `sync`,
+    /// the commit waits for the WAL flush, which makes the batch (and everything before it)
+    /// durable: only then may it be acknowledged. On error nothing of the batch is committed;
+    /// [`BatchError::applied`] counts only the duplicates skipped.
     pub async fn apply_batch(
         &mut self,
         batch: &[RemoteTx],
@@ -398,15 +398,7 @@ impl Applier {
             .last()
             .expect("apply_batch passes at least one transaction");
         steps.push((self.begin.clone(), Vec::new(), Step::Begin));
-        steps.push((
-            self.setup.clone(),
-            vec![
-                literal(format_lsn(last.end_lsn)),
-                literal(last.commit_time.to_string()),
-                literal(format_lsn(prev)),
-            ],
-            Step::Setup,
-        ));
+        steps.push((self.setup.clone(), setup_params(last, prev), Step::Setup));
         let start = prev;
         let mut planned: Vec<Planned> = Vec::new();
         for (i, tx) in txs.iter().enumerate() {
@@ -532,11 +524,7 @@ impl Applier {
             (self.begin.clone(), Vec::new(), Step::Begin, None),
             (
                 self.setup.clone(),
-                vec![
-                    literal(format_lsn(last.end_lsn)),
-                    literal(last.commit_time.to_string()),
-                    literal(format_lsn(start)),
-                ],
+                setup_params(last, start),
                 Step::Setup,
                 None,
             ),
@@ -645,6 +633,15 @@ impl Applier {
         self.statements.insert(text.to_owned(), statement.clone());
         Ok(statement)
     }
+}
+
+/// The origin setup's parameters for a batch ending with `last`, started at progress `start`.
+fn setup_params(last: &RemoteTx, start: Lsn) -> Vec<PgText> {
+    vec![
+        literal(format_lsn(last.end_lsn)),
+        literal(last.commit_time.to_string()),
+        literal(format_lsn(start)),
+    ]
 }
 
 /// How a change may be tried on the fast path (see `Applier::try_fast`).
