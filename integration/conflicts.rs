@@ -480,6 +480,61 @@ fn guard_triggers_refuse_writes_that_bypass_the_front_door() {
         "{e}"
     );
 
+    // Prepared statements with the owner as a bound parameter (tokio-postgres sends them in
+    // binary): refused at the Bind, counted, and the session goes on.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &c.pgmm(0).conninfo("postgres", "postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let insert = client
+            .prepare("INSERT INTO acct (id, home, v) VALUES ($1, $2, $3)")
+            .await
+            .unwrap();
+        let e = client
+            .execute(&insert, &[&6i32, &"c", &"x"])
+            .await
+            .unwrap_err();
+        let db = e.as_db_error().expect("a server error");
+        assert_eq!(db.code().code(), "42501");
+        assert_eq!(
+            db.message(),
+            "row (home)=(c) of \"public.acct\" is owned by node \"c\"; write it through node \"c\""
+        );
+        assert_eq!(
+            client
+                .execute(&insert, &[&6i32, &"a", &"mine too"])
+                .await
+                .unwrap(),
+            1
+        );
+        let ord = client
+            .prepare("INSERT INTO ord (id, v) VALUES ($1, $2)")
+            .await
+            .unwrap();
+        let e = client.execute(&ord, &[&5i64, &"x"]).await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .unwrap()
+                .message()
+                .starts_with("row (id)=(5) of \"public.ord\" is owned by node \"c\""),
+            "{e:?}"
+        );
+        drop(client);
+        let _ = conn.await;
+    });
+    assert_eq!(
+        c.metric(0, "pgmm_ownership_rejections_total{table=\"public.acct\"}"),
+        Some(2.0)
+    );
+
     // Row ownership by key: a is node 0 of 3, its sequence hands out only multiples of 3.
     let ids = c.rows(0, "INSERT INTO ord (v) VALUES ('x'), ('y') RETURNING id");
     let ids: Vec<i64> = ids.iter().map(|r| r[0].parse().unwrap()).collect();

@@ -86,9 +86,19 @@ pub struct InsertedRows {
     pub table: TableName,
     /// The column list as written (folded like Postgres); empty when the statement has none.
     pub columns: Vec<String>,
-    /// Per row, per column: a string or number literal's text, or `None` for anything else (a
-    /// bound parameter, an expression, DEFAULT), which only the database can judge.
-    pub rows: Vec<Vec<Option<String>>>,
+    /// Per row, per column: what the statement gives it.
+    pub rows: Vec<Vec<InsertedValue>>,
+}
+
+/// One value of an `INSERT ... VALUES` row, as far as the front door can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertedValue {
+    /// A string or number literal's text.
+    Literal(String),
+    /// `$n` (1-based): known only when the statement is bound.
+    Param(usize),
+    /// An expression, DEFAULT, ...: only the database can judge it.
+    Other,
 }
 
 impl Classification {
@@ -591,13 +601,32 @@ fn inserted_rows(insert: &sqlparser::ast::Insert) -> Option<InsertedRows> {
     let rows = values
         .rows
         .iter()
-        .map(|row| row.content.iter().map(literal_text).collect())
+        .map(|row| row.content.iter().map(inserted_value).collect())
         .collect();
     Some(InsertedRows {
         table,
         columns,
         rows,
     })
+}
+
+fn inserted_value(expr: &Expr) -> InsertedValue {
+    use sqlparser::ast::Value;
+    if let Some(text) = literal_text(expr) {
+        return InsertedValue::Literal(text);
+    }
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n > 0)
+                .map_or(InsertedValue::Other, InsertedValue::Param),
+            _ => InsertedValue::Other,
+        },
+        Expr::Nested(inner) => inserted_value(inner),
+        _ => InsertedValue::Other,
+    }
 }
 
 /// The text a string or number literal (possibly negated) stands for.

@@ -127,6 +127,11 @@ impl OwnerRules {
             .map(|(t, _)| t)
     }
 
+    /// Whether the table is owned by key (`owner_key`).
+    pub fn is_key_owned(&self, table: &TableName) -> bool {
+        matches!(self.rules.get(table), Some(OwnerSpec::Key(_)))
+    }
+
     /// The column whose value decides a row's owner, for row-owned tables.
     pub fn owner_column(&self, table: &TableName) -> Option<&str> {
         match self.rules.get(table) {

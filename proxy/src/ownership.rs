@@ -4,12 +4,13 @@
 //!
 //! Table ownership (`owner = "b"`) is enforced for every write. Row ownership is enforced here
 //! where the statement itself tells the row's owner: an `INSERT ... VALUES` whose owner column
-//! (or key) is a literal. Anything else (bound parameters, expressions, UPDATE and DELETE, which
+//! (or key) is a literal, checked at Parse or Query, or a parameter, checked at each Bind of the
+//! prepared statement. Anything else (expressions, INSERT ... SELECT, UPDATE and DELETE, which
 //! need the stored row) is left to the guard trigger in the database, which has the values.
 
 use std::collections::HashMap;
 
-use crate::classify::{contains_ignore_ascii_case, Classification};
+use crate::classify::{contains_ignore_ascii_case, Classification, InsertedValue};
 use crate::owners::{row_message, table_message, OwnerRules, Verdict};
 use crate::table::TableName;
 
@@ -91,20 +92,87 @@ impl Ownership {
                 continue;
             };
             for row in &insert.rows {
-                let Some(Some(value)) = row.get(position) else {
+                let Some(InsertedValue::Literal(value)) = row.get(position) else {
                     continue;
                 };
-                let verdict = self
-                    .rows
-                    .row_verdict(&self.local, &insert.table, Some(value));
-                if let Verdict::RowOwned { owner } = verdict {
-                    return Err(OwnershipError::RowOwned {
+                self.check_row(&insert.table, column, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_row(
+        &self,
+        table: &TableName,
+        column: &str,
+        value: &str,
+    ) -> Result<(), OwnershipError> {
+        match self.rows.row_verdict(&self.local, table, Some(value)) {
+            Verdict::RowOwned { owner } => Err(OwnershipError::RowOwned {
+                table: table.clone(),
+                row: format!("({column})=({value})"),
+                owner,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether any table is owned row by row: only then can a Bind need a look.
+    pub fn has_row_rules(&self) -> bool {
+        self.rows.row_owned_tables().next().is_some()
+    }
+
+    /// The parameters whose bound values decide the owner of a row the statement inserts, for
+    /// [`Ownership::check_bound`] at each Bind; empty for most statements.
+    pub fn bound_checks(&self, class: &Classification) -> Vec<BoundCheck> {
+        let mut checks = Vec::new();
+        for insert in &class.inserted {
+            let Some(column) = self.rows.owner_column(&insert.table) else {
+                continue;
+            };
+            let Some(position) = insert.columns.iter().position(|c| c == column) else {
+                continue;
+            };
+            for row in &insert.rows {
+                if let Some(InsertedValue::Param(n)) = row.get(position) {
+                    checks.push(BoundCheck {
                         table: insert.table.clone(),
-                        row: format!("({column})=({value})"),
-                        owner,
+                        column: column.to_owned(),
+                        param: n - 1,
+                        key: self.rows.is_key_owned(&insert.table),
                     });
                 }
             }
+        }
+        checks
+    }
+
+    /// Checks a Bind's parameter values (bytes, binary format?) against `checks`.
+    pub fn check_bound(
+        &self,
+        checks: &[BoundCheck],
+        params: &[crate::wire::BoundParam<'_>],
+    ) -> Result<(), OwnershipError> {
+        for check in checks {
+            let Some((Some(bytes), binary)) = params.get(check.param) else {
+                continue;
+            };
+            let value = match (binary, check.key) {
+                (false, _) | (true, false) => match std::str::from_utf8(bytes) {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => continue,
+                },
+                // Binary integers of the key's type: int2, int4 or int8, big-endian.
+                (true, true) => match **bytes {
+                    [a, b] => i16::from_be_bytes([a, b]).to_string(),
+                    [a, b, c, d] => i32::from_be_bytes([a, b, c, d]).to_string(),
+                    [a, b, c, d, e, f, g, h] => {
+                        i64::from_be_bytes([a, b, c, d, e, f, g, h]).to_string()
+                    }
+                    _ => continue,
+                },
+            };
+            self.check_row(&check.table, &check.column, &value)?;
         }
         Ok(())
     }
@@ -131,6 +199,17 @@ impl Ownership {
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty() && self.rows.row_owned_tables().next().is_none()
     }
+}
+
+/// A parameter of a prepared INSERT whose bound value names the row's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundCheck {
+    pub table: TableName,
+    pub column: String,
+    /// 0-based parameter index.
+    pub param: usize,
+    /// `owner_key` (an integer) rather than `owner_column` (a node name).
+    pub key: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +362,63 @@ mod tests {
             "{err}"
         );
         assert!(check("insert into ord (id, v) values (3, 'x'), (6, 'y')").is_ok());
+    }
+
+    #[test]
+    fn bound_owner_parameters_are_checked_at_bind() {
+        let own = Ownership::new("a", []).with_rows(OwnerRules::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            [
+                (
+                    TableName::new("public", "acct"),
+                    OwnerSpec::Column("home".into()),
+                ),
+                (TableName::new("public", "ord"), OwnerSpec::Key("id".into())),
+            ],
+        ));
+        assert!(own.has_row_rules());
+        let checks = own.bound_checks(&Classification::of(
+            "INSERT INTO acct (id, home) VALUES ($1, $2), (3, $4)",
+        ));
+        assert_eq!(checks.iter().map(|c| c.param).collect::<Vec<_>>(), [1, 3]);
+        let text = |s: &'static str| (Some(s.as_bytes()), false);
+        assert!(own
+            .check_bound(&checks, &[text("1"), text("a"), text("x"), text("a")])
+            .is_ok());
+        let err = own
+            .check_bound(&checks, &[text("1"), text("a"), text("x"), text("c")])
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("row (home)=(c) of \"public.acct\""),
+            "{err}"
+        );
+        // NULL owners are the database's to refuse; binary text is its bytes.
+        assert!(own
+            .check_bound(&checks, &[text("1"), (None, false)])
+            .is_ok());
+        assert!(own
+            .check_bound(&checks, &[text("1"), (Some(b"b".as_slice()), true)])
+            .is_err());
+        // Binary integer keys of every width.
+        let key = own.bound_checks(&Classification::of(
+            "insert into ord (id, v) values ($1, $2)",
+        ));
+        assert_eq!(key.len(), 1);
+        for (bytes, refused) in [
+            (3i64.to_be_bytes().to_vec(), false),
+            (4i64.to_be_bytes().to_vec(), true),
+            (7i32.to_be_bytes().to_vec(), true),
+            (6i16.to_be_bytes().to_vec(), false),
+        ] {
+            let r = own.check_bound(&key, &[(Some(bytes.as_slice()), true)]);
+            assert_eq!(r.is_err(), refused, "{bytes:?}");
+        }
+        assert!(own
+            .bound_checks(&Classification::of(
+                "INSERT INTO acct (id, home) VALUES (1, 'a')"
+            ))
+            .is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! run concurrently in one task, so neither can block the other (a pipelining client and a
 //! server streaming results never deadlock), and a session costs one task and two buffers.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::classify::{self, QueryKind};
 use crate::frontdoor::FrontDoor;
+use crate::ownership::BoundCheck;
 use crate::refusal::{self, Pending, ResponseFilter};
 use crate::wire::{self, Header, StartupRequest, WireError};
 
@@ -239,6 +241,10 @@ where
     let mut terminated = false;
     // Messages sent that each end in one ReadyForQuery; start-up ends in one too.
     let mut cycles_sent: u64 = 1;
+    // Prepared INSERTs whose bound parameters name a row's owner, by statement name: their
+    // Binds are inspected. Empty unless the config has row ownership rules and the client
+    // prepared such a statement, so other sessions never buffer a Bind.
+    let mut bound: HashMap<String, Arc<[BoundCheck]>> = HashMap::new();
     loop {
         if !read_more(&mut r, &mut buf, stream_rest > 0)
             .await
@@ -297,6 +303,9 @@ where
                         if extended {
                             refusal::extended_replacement(&sql, &mut out);
                             skipping_to_sync = true;
+                            if let Some((name, _)) = wire::parse_text(body) {
+                                bound.remove(name);
+                            }
                         } else {
                             refusal::simple_replacement(&sql, &mut out);
                             cycles_sent += 1;
@@ -306,9 +315,38 @@ where
                     } else {
                         if h.kind == b'Q' {
                             cycles_sent += 1;
+                        } else if door.ownership.has_row_rules() {
+                            track_bound(door, body, &mut bound);
                         }
                         pos += total;
                     }
+                }
+                b'B' if !bound.is_empty() && !complete => {
+                    buf.reserve((total - (len - pos)).min(1 << 20));
+                    break;
+                }
+                b'B' if !bound.is_empty() => {
+                    let body = &buf[pos + 5..pos + total];
+                    if let Some(refusal) = inspect_bind(door, &bound, body) {
+                        // As for a refused Parse: Postgres raises the refusal in the Bind's
+                        // place, and the client's messages up to Sync are skipped.
+                        modified = true;
+                        out.extend_from_slice(&buf[run_start..pos]);
+                        let sql = refusal::raise_sql("42501", &refusal);
+                        pending.push(refusal, true, cycles_sent);
+                        refusal::extended_replacement(&sql, &mut out);
+                        skipping_to_sync = true;
+                        pos += total;
+                        run_start = pos;
+                    } else {
+                        pos += total;
+                    }
+                }
+                b'C' if !bound.is_empty() && complete => {
+                    if let Some(name) = wire::closed_statement(&buf[pos + 5..pos + total]) {
+                        bound.remove(name);
+                    }
+                    pos += total;
                 }
                 kind => {
                     match kind {
@@ -344,6 +382,46 @@ where
     }
 }
 
+/// Remembers (or forgets) the owner parameters of the statement a Parse prepares.
+fn track_bound(door: &FrontDoor, body: &[u8], bound: &mut HashMap<String, Arc<[BoundCheck]>>) {
+    let Some((name, sql)) = wire::parse_text(body) else {
+        return;
+    };
+    let checks = if door.ownership.may_write_foreign(sql) {
+        door.ownership.bound_checks(&door.classifier.classify(sql))
+    } else {
+        Vec::new()
+    };
+    if checks.is_empty() {
+        bound.remove(name);
+    } else {
+        bound.insert(name.to_owned(), checks.into());
+    }
+}
+
+/// The refusal of a Bind whose parameters insert a row another node owns, if it does.
+fn inspect_bind(
+    door: &FrontDoor,
+    bound: &HashMap<String, Arc<[BoundCheck]>>,
+    body: &[u8],
+) -> Option<String> {
+    let (statement, params) = wire::bind_params(body)?;
+    let checks = bound.get(statement)?;
+    let e = door.ownership.check_bound(checks, &params).err()?;
+    Some(refused(door, e))
+}
+
+/// Counts and logs a front-door refusal; returns its message.
+fn refused(door: &FrontDoor, e: crate::ownership::OwnershipError) -> String {
+    door.metrics
+        .ownership_rejections
+        .with_label_values(&[&e.table().to_string()])
+        .inc();
+    door.refusals.record();
+    tracing::debug!(error = %e, "write refused at the front door");
+    e.to_string()
+}
+
 fn count(door: &FrontDoor, kind: QueryKind) {
     door.metrics.query(kind).inc();
     if kind == QueryKind::Ddl {
@@ -373,18 +451,7 @@ fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
     if class.written.is_empty() || !may_write_foreign {
         return None;
     }
-    match door.ownership.check(&class) {
-        Ok(()) => None,
-        Err(e) => {
-            door.metrics
-                .ownership_rejections
-                .with_label_values(&[&e.table().to_string()])
-                .inc();
-            door.refusals.record();
-            tracing::debug!(error = %e, "write refused at the front door");
-            Some(e.to_string())
-        }
-    }
+    door.ownership.check(&class).err().map(|e| refused(door, e))
 }
 
 /// Relays server messages; only while a refusal is pending does it look at them one by one.

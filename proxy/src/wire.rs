@@ -220,6 +220,56 @@ pub fn parse_text(body: &[u8]) -> Option<(&str, &str)> {
     Some((name, sql))
 }
 
+/// One parameter of a Bind: its bytes (`None` for NULL) and whether they are binary.
+pub type BoundParam<'a> = (Option<&'a [u8]>, bool);
+
+/// The statement a Bind message binds, and its parameters: each value's bytes (`None` for
+/// NULL) with whether it is in binary format. `None` for a malformed body (Postgres will say so).
+pub fn bind_params(body: &[u8]) -> Option<(&str, Vec<BoundParam<'_>>)> {
+    fn split<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if rest.len() < n {
+            return None;
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Some(head)
+    }
+    fn int16(rest: &mut &[u8]) -> Option<i16> {
+        split(rest, 2).map(|b| i16::from_be_bytes([b[0], b[1]]))
+    }
+    let (_portal, rest) = cstr(body)?;
+    let (statement, mut rest) = cstr(rest)?;
+    let formats_n = int16(&mut rest)?.max(0) as usize;
+    let mut formats = Vec::with_capacity(formats_n);
+    for _ in 0..formats_n {
+        formats.push(int16(&mut rest)? == 1);
+    }
+    let params_n = int16(&mut rest)?.max(0) as usize;
+    let mut params = Vec::with_capacity(params_n);
+    for i in 0..params_n {
+        let len = i32::from_be_bytes(split(&mut rest, 4)?.try_into().ok()?);
+        // One format code applies to every parameter; none means text.
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0],
+            _ => *formats.get(i)?,
+        };
+        let value = if len < 0 {
+            None
+        } else {
+            Some(split(&mut rest, len as usize)?)
+        };
+        params.push((value, binary));
+    }
+    Some((statement, params))
+}
+
+/// The statement a Close message closes (`None` for a portal or a malformed body).
+pub fn closed_statement(body: &[u8]) -> Option<&str> {
+    let (&kind, rest) = body.split_first()?;
+    (kind == b'S').then(|| cstr(rest).map(|(s, _)| s)).flatten()
+}
+
 /// An ErrorResponse as Postgres would send it, for errors pgmm raises itself.
 pub fn error_response(sqlstate: &str, message: &str) -> BytesMut {
     let fields = vec![
@@ -362,5 +412,27 @@ mod tests {
         assert_eq!(query_text(b"select 1\0"), Some("select 1"));
         assert_eq!(parse_text(b"s1\0insert\0\0\0"), Some(("s1", "insert")));
         assert_eq!(parse_text(b"s1"), None);
+    }
+
+    #[test]
+    fn bind_bodies_yield_their_statement_and_parameters() {
+        // portal "", statement "s1", formats [1], params ["ab", NULL], results [].
+        let mut body = b"\0s1\0".to_vec();
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&2i16.to_be_bytes());
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"ab");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes());
+        let (statement, params) = bind_params(&body).unwrap();
+        assert_eq!(statement, "s1");
+        assert_eq!(params, [(Some(b"ab".as_slice()), true), (None, true)]);
+        // Truncated anywhere: no answer rather than a wrong one.
+        for cut in 0..body.len() - 2 {
+            assert!(bind_params(&body[..cut]).is_none(), "cut at {cut}");
+        }
+        assert_eq!(closed_statement(b"Ss1\0"), Some("s1"));
+        assert_eq!(closed_statement(b"Pp1\0"), None);
     }
 }
