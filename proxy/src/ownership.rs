@@ -25,8 +25,10 @@ pub struct Ownership {
     /// `"` doubled as inside a quoted identifier): a statement containing none of them cannot
     /// write such a table, so the front door need not parse it. Row-owned tables are in it too.
     foreign_spellings: Vec<String>,
-    /// Row ownership rules (and the node list), for INSERTs with literal owners.
+    /// Row ownership rules (and the node list), for INSERTs with literal or bound owners.
     rows: OwnerRules,
+    /// Whether `rows` has any rule: checked for every Parse, so kept at hand.
+    any_row_rules: bool,
 }
 
 impl Ownership {
@@ -47,6 +49,7 @@ impl Ownership {
             tables,
             foreign_spellings,
             rows: OwnerRules::default(),
+            any_row_rules: false,
         }
     }
 
@@ -59,6 +62,7 @@ impl Ownership {
         }
         self.foreign_spellings.sort();
         self.foreign_spellings.dedup();
+        self.any_row_rules = rules.row_owned_tables().next().is_some();
         self.rows = rules;
         self
     }
@@ -119,7 +123,7 @@ impl Ownership {
 
     /// Whether any table is owned row by row: only then can a Bind need a look.
     pub fn has_row_rules(&self) -> bool {
-        self.rows.row_owned_tables().next().is_some()
+        self.any_row_rules
     }
 
     /// The parameters whose bound values decide the owner of a row the statement inserts, for
@@ -197,7 +201,7 @@ impl Ownership {
 
     /// True when no table has an owner, so the front door can skip the check altogether.
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty() && self.rows.row_owned_tables().next().is_none()
+        self.tables.is_empty() && !self.any_row_rules
     }
 }
 
