@@ -229,16 +229,14 @@ pub fn table_guard(
         Some(OwnerSpec::Column(c) | OwnerSpec::Key(c)) => {
             let new_guard = row_guard(table, spec.expect("matched"), ctx, "NEW")?;
             let old_guard = row_guard(table, spec.expect("matched"), ctx, "OLD")?;
-            body.push_str(&row_body(
-                table, ctx, &label, &u, &here, &new_guard, &old_guard,
-            ));
+            body.push_str(&row_body(table, &label, &u, &here, &new_guard, &old_guard));
             Some(raise(&escape_literal(&format!(
                 "table \"{name}\" is owned row by row ({c}): TRUNCATE would remove other nodes' \
                  rows; delete this node's rows instead"
             ))))
         }
         _ => {
-            body.push_str(&row_body(table, ctx, &label, &u, &here, "", ""));
+            body.push_str(&row_body(table, &label, &u, &here, "", ""));
             None
         }
     };
@@ -256,14 +254,12 @@ pub fn table_guard(
 
 fn row_body(
     table: &EnrolledTable,
-    ctx: &GuardContext<'_>,
     label: &str,
     u: &str,
     here: &str,
     new_guard: &str,
     old_guard: &str,
 ) -> String {
-    let _ = ctx;
     let old_key = key_json(table, "OLD");
     let new_key = key_json(table, "NEW");
     let prefix = escape_literal(VERSION_MESSAGE_PREFIX);

@@ -678,7 +678,8 @@ struct Planner<'a> {
 }
 
 /// Statement texts (full, fast) by the shape of the change, so that the texts of a shape seen
-/// before are not built again (they are a few kilobytes each).
+/// before are not built again (they are a few kilobytes each). Only the applier's own task uses
+/// it; a Mutex (never contended) rather than a RefCell keeps the applier `Send`.
 type Texts = std::sync::Mutex<HashMap<String, (Arc<str>, Arc<str>)>>;
 
 impl Planner<'_> {
