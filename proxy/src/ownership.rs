@@ -332,9 +332,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn inserts_with_a_literal_owner_of_another_node_are_refused() {
-        let own = Ownership::new("a", []).with_rows(OwnerRules::new(
+    /// Node a of [a, b, c]; `acct` rows belong to the node in `home`, `ord` rows by `id % 3`.
+    fn row_owned() -> Ownership {
+        Ownership::new("a", []).with_rows(OwnerRules::new(
             vec!["a".into(), "b".into(), "c".into()],
             [
                 (
@@ -343,7 +343,12 @@ mod tests {
                 ),
                 (TableName::new("public", "ord"), OwnerSpec::Key("id".into())),
             ],
-        ));
+        ))
+    }
+
+    #[test]
+    fn inserts_with_a_literal_owner_of_another_node_are_refused() {
+        let own = row_owned();
         assert!(own.may_write_foreign("insert into ACCT values (1)"));
         assert!(!own.is_empty());
         let check = |sql: &str| own.check(&Classification::of(sql));
@@ -370,16 +375,7 @@ mod tests {
 
     #[test]
     fn bound_owner_parameters_are_checked_at_bind() {
-        let own = Ownership::new("a", []).with_rows(OwnerRules::new(
-            vec!["a".into(), "b".into(), "c".into()],
-            [
-                (
-                    TableName::new("public", "acct"),
-                    OwnerSpec::Column("home".into()),
-                ),
-                (TableName::new("public", "ord"), OwnerSpec::Key("id".into())),
-            ],
-        ));
+        let own = row_owned();
         assert!(own.has_row_rules());
         let checks = own.bound_checks(&Classification::of(
             "INSERT INTO acct (id, home) VALUES ($1, $2), (3, $4)",

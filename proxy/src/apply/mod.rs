@@ -404,9 +404,7 @@ impl Applier {
         for (i, tx) in txs.iter().enumerate() {
             let tables = self.check_tables(&tx.changes)?;
             for change in &tx.changes.changes {
-                let mut p = planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?;
-                p.table = tables[first_table(change)].0.clone();
-                planned.push(p);
+                planned.push(planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?);
             }
             table_names.push(tables.into_iter().map(|(n, _)| n).collect());
             prev = tx.end_lsn;
@@ -747,12 +745,14 @@ impl Planner<'_> {
         tx: usize,
     ) -> Result<Planned, ApplyError> {
         let (slow, fast, params, step) = self.plan_change(set, tables, change, commit_time, tx)?;
+        // plan_change has checked that the change's tables are described.
+        let table = tables[first_table(change)].0.clone();
         Ok(Planned {
             slow,
             fast,
             params,
             step,
-            table: TableName::new("", ""),
+            table,
         })
     }
 
