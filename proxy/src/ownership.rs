@@ -88,21 +88,29 @@ impl Ownership {
     /// First written table this node may not write, or row it may not insert, as an error.
     pub fn check(&self, class: &Classification) -> Result<(), OwnershipError> {
         self.check_tables(&class.written)?;
-        for insert in &class.inserted {
-            let Some(column) = self.rows.owner_column(&insert.table) else {
-                continue;
-            };
-            let Some(position) = insert.columns.iter().position(|c| c == column) else {
-                continue;
-            };
-            for row in &insert.rows {
-                let Some(InsertedValue::Literal(value)) = row.get(position) else {
-                    continue;
-                };
-                self.check_row(&insert.table, column, value)?;
+        for (table, column, value) in self.owner_values(class) {
+            if let InsertedValue::Literal(value) = value {
+                self.check_row(table, column, value)?;
             }
         }
         Ok(())
+    }
+
+    /// Each inserted row's value for its table's owner column (or key), with the table and
+    /// the column: what row ownership can be judged by before the database sees the row.
+    fn owner_values<'c>(
+        &'c self,
+        class: &'c Classification,
+    ) -> impl Iterator<Item = (&'c TableName, &'c str, &'c InsertedValue)> + 'c {
+        class.inserted.iter().flat_map(move |insert| {
+            let column = self.rows.owner_column(&insert.table);
+            let position =
+                column.and_then(|column| insert.columns.iter().position(|c| c == column));
+            insert
+                .rows
+                .iter()
+                .filter_map(move |row| Some((&insert.table, column?, row.get(position?)?)))
+        })
     }
 
     fn check_row(
@@ -129,26 +137,17 @@ impl Ownership {
     /// The parameters whose bound values decide the owner of a row the statement inserts, for
     /// [`Ownership::check_bound`] at each Bind; empty for most statements.
     pub fn bound_checks(&self, class: &Classification) -> Vec<BoundCheck> {
-        let mut checks = Vec::new();
-        for insert in &class.inserted {
-            let Some(column) = self.rows.owner_column(&insert.table) else {
-                continue;
-            };
-            let Some(position) = insert.columns.iter().position(|c| c == column) else {
-                continue;
-            };
-            for row in &insert.rows {
-                if let Some(InsertedValue::Param(n)) = row.get(position) {
-                    checks.push(BoundCheck {
-                        table: insert.table.clone(),
-                        column: column.to_owned(),
-                        param: n - 1,
-                        key: self.rows.is_key_owned(&insert.table),
-                    });
-                }
-            }
-        }
-        checks
+        self.owner_values(class)
+            .filter_map(|(table, column, value)| match value {
+                InsertedValue::Param(n) => Some(BoundCheck {
+                    table: table.clone(),
+                    column: column.to_owned(),
+                    param: n - 1,
+                    key: self.rows.is_key_owned(table),
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Checks a Bind's parameter values (bytes, binary format?) against `checks`.
