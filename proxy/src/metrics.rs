@@ -115,6 +115,7 @@ pub struct ReplicationMetrics {
     pub changes_applied: IntCounterVec,
     pub transactions_applied: IntCounterVec,
     pub apply_errors: IntCounterVec,
+    pub apply_batches: IntCounterVec,
     pub replication_errors: IntCounterVec,
     pub conflicts: IntCounterVec,
     pub lag_seconds: GaugeVec,
@@ -160,6 +161,13 @@ impl ReplicationMetrics {
                 "Transactions from a peer that failed to apply (the link is dropped and the \
                  transaction retried); the log says why.",
                 &["peer"],
+            )?,
+            apply_batches: counter(
+                "pgmm_apply_batches_total",
+                "Batches of a peer's transactions committed here, by path: fast (plain and bulk \
+                 statements, no conflict anywhere in the batch) or full (after the fast attempt \
+                 missed, every change by its last-writer-wins statement).",
+                &["peer", "path"],
             )?,
             replication_errors: counter(
                 "pgmm_replication_errors_total",
@@ -230,6 +238,7 @@ impl ReplicationMetrics {
         registry.register(Box::new(m.changes_applied.clone()))?;
         registry.register(Box::new(m.transactions_applied.clone()))?;
         registry.register(Box::new(m.apply_errors.clone()))?;
+        registry.register(Box::new(m.apply_batches.clone()))?;
         registry.register(Box::new(m.replication_errors.clone()))?;
         registry.register(Box::new(m.conflicts.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
@@ -246,6 +255,9 @@ impl ReplicationMetrics {
             m.changes_applied.with_label_values(&l);
             m.transactions_applied.with_label_values(&l);
             m.apply_errors.with_label_values(&l);
+            for path in ["fast", "full"] {
+                m.apply_batches.with_label_values(&[peer.as_str(), path]);
+            }
             m.lag_seconds.with_label_values(&l);
             m.lag_bytes.with_label_values(&l);
             m.peer_up.with_label_values(&l);

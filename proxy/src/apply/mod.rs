@@ -134,6 +134,40 @@ impl ToSql for PgText {
     to_sql_checked!();
 }
 
+/// A parameter of the fast attempt: one value, or (for a bulk statement) one value of every
+/// change of a group, as a `text[]` in binary array format.
+#[derive(Debug, Clone)]
+enum Param {
+    One(PgText),
+    Many(Vec<PgText>),
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Param::One(v) => v.to_sql(ty, out),
+            Param::Many(vs) => vs.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        match self {
+            Param::One(_) => Format::Text,
+            Param::Many(_) => Format::Binary,
+        }
+    }
+
+    to_sql_checked!();
+}
+
 fn text(d: &Datum) -> Result<PgText, ApplyError> {
     match d {
         Datum::Null => Ok(PgText(None)),
@@ -187,6 +221,17 @@ pub struct Applied {
     pub conflicts: usize,
     /// Transactions skipped as already applied.
     pub duplicates: usize,
+    /// How the batch committed; `None` when nothing did.
+    pub path: Option<Path>,
+}
+
+/// How a batch was applied (see [`Applier::apply_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// By the fast statements: no change of the batch was a conflict.
+    Fast,
+    /// By every change's full last-writer-wins statement, after the fast attempt missed.
+    Full,
 }
 
 /// A batch that failed and was rolled back as a whole.
@@ -206,6 +251,7 @@ pub struct Applier {
     metrics: ReplicationMetrics,
     statements: HashMap<String, Statement>,
     texts: Texts,
+    types: HashMap<TableName, Arc<ColumnTypes>>,
     origins: sql::Origins,
     begin: Statement,
     setup: Statement,
@@ -294,6 +340,7 @@ impl Applier {
         );
         let mut applier = Applier {
             texts: Texts::default(),
+            types: HashMap::new(),
             origins,
             origin_node: origin_node.to_owned(),
             here: here.to_owned(),
@@ -362,6 +409,11 @@ impl Applier {
                 // the database, which knows exactly what committed.
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 self.statements.clear();
+                self.types.clear();
+                self.texts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
                 if let Ok(p) = self.read_progress().await {
                     self.progress = p;
                 }
@@ -379,6 +431,17 @@ impl Applier {
         // Plan everything first (preparing new statements), then send it all at once.
         let mut steps: Vec<(Statement, Vec<PgText>, Step)> = Vec::new();
         let mut table_names: Vec<Vec<TableName>> = Vec::with_capacity(txs.len());
+        let mut tx_tables = Vec::with_capacity(txs.len());
+        for tx in txs {
+            let tables = self.check_tables(&tx.changes)?;
+            for (name, quoted) in &tables {
+                if !self.types.contains_key(name) {
+                    let types = self.column_types(quoted).await?;
+                    self.types.insert(name.clone(), Arc::new(types));
+                }
+            }
+            tx_tables.push(tables);
+        }
         let mut prev = self.progress;
         let rules = self.rules.clone();
         let here = self.here.clone();
@@ -391,6 +454,7 @@ impl Applier {
             rules: &rules,
             origins: &origins,
             texts: &self.texts,
+            types: &self.types,
         };
         // The whole batch is one local transaction, recorded as the last remote one's: the
         // origin's progress jumps to its end in the same commit as all the batch's data.
@@ -401,8 +465,7 @@ impl Applier {
         steps.push((self.setup.clone(), setup_params(last, prev), Step::Setup));
         let start = prev;
         let mut planned: Vec<Planned> = Vec::new();
-        for (i, tx) in txs.iter().enumerate() {
-            let tables = self.check_tables(&tx.changes)?;
+        for (i, (tx, tables)) in txs.iter().zip(tx_tables).enumerate() {
             for change in &tx.changes.changes {
                 planned.push(planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?);
             }
@@ -418,6 +481,7 @@ impl Applier {
             self.progress = prev;
             applied.transactions += txs.len();
             applied.changes += txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
+            applied.path = Some(Path::Fast);
             return Ok(());
         }
         for p in planned {
@@ -462,6 +526,7 @@ impl Applier {
                 (Step::Commit, Ok(_)) => {
                     if failure.is_none() {
                         self.progress = prev;
+                        applied.path = Some(Path::Full);
                         applied.transactions += txs.len();
                         applied.changes +=
                             txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
@@ -510,7 +575,13 @@ impl Applier {
 
     /// The fast attempt at a batch (see `pipeline`): BEGIN, the origin setup and every change's
     /// fast statement as one pipeline; commits (true) when every change took its fast path,
-    /// rolls back (false) when one did not.
+    /// rolls back (false) when one did not, or when one failed (the full statements then apply
+    /// the batch in order, and report the error if it is real).
+    ///
+    /// Changes to distinct rows commute, so the batch is cut into runs in which no row is
+    /// changed twice, and within a run the changes of one shape (table, operation, columns) go
+    /// into one bulk statement over arrays of their values ([`sql::Lww::insert_bulk`]): one
+    /// statement, one plan execution and one round of results for many rows.
     async fn try_fast(
         &mut self,
         planned: &[Planned],
@@ -518,52 +589,83 @@ impl Applier {
         start: Lsn,
         sync: bool,
     ) -> Result<bool, ApplyError> {
-        let mut steps: Vec<(Statement, Vec<PgText>, Step, Option<&TableName>)> = vec![
-            (self.begin.clone(), Vec::new(), Step::Begin, None),
-            (
-                self.setup.clone(),
-                setup_params(last, start),
-                Step::Setup,
-                None,
-            ),
-        ];
-        for p in planned {
-            let (text, counted) = match &p.fast {
-                Fast::Text(t) => (t, true),
-                Fast::Same => (&p.slow, false),
-                Fast::No => unreachable!("checked by the caller"),
-            };
-            let statement = self.prepared(text, &p.table, &p.step).await?;
-            steps.push((
-                statement,
-                p.params.clone(),
-                p.step.clone(),
-                counted.then_some(&p.table),
-            ));
+        struct FastStep {
+            statement: Statement,
+            params: Vec<Param>,
+            /// The planned change reported on failure (a bulk's first).
+            change: usize,
+            /// How many rows it must apply; `None` for a TRUNCATE (any).
+            expect: Option<usize>,
+            bulk: bool,
+        }
+        let mut steps: Vec<FastStep> = Vec::new();
+        for run in runs(planned) {
+            for group in run {
+                let p = &planned[group[0]];
+                let (text, expect, bulk) = match &p.fast {
+                    Fast::Text {
+                        bulk: Some(bulk), ..
+                    } if group.len() > 1 => (bulk, Some(group.len()), true),
+                    Fast::Text { single, .. } => (single, Some(1), false),
+                    Fast::Same => (&p.slow, None, false),
+                    Fast::No => unreachable!("checked by the caller"),
+                };
+                let statement = self.prepared(text, &p.table, &p.step).await?;
+                let params = if bulk {
+                    (0..p.params.len())
+                        .map(|j| {
+                            Param::Many(
+                                group
+                                    .iter()
+                                    .map(|&i| planned[i].params[j].clone())
+                                    .collect(),
+                            )
+                        })
+                        .collect()
+                } else {
+                    p.params.iter().cloned().map(Param::One).collect()
+                };
+                steps.push(FastStep {
+                    statement,
+                    params,
+                    change: group[0],
+                    expect,
+                    bulk,
+                });
+            }
         }
         let client = &self.client;
-        let results = join_all(
-            steps
-                .iter()
-                .map(|(statement, params, _, _)| client.execute_raw(statement, params.clone())),
-        )
-        .await;
+        let setup = setup_params(last, start);
+        let (begun, set_up, results) = futures_util::join!(
+            client.execute_raw(&self.begin, Vec::<PgText>::new()),
+            client.execute_raw(&self.setup, setup),
+            join_all(steps.iter().map(|step| async move {
+                if step.bulk {
+                    let rows: Vec<tokio_postgres::Row> = client
+                        .query_raw(&step.statement, step.params.clone())
+                        .await?
+                        .try_collect()
+                        .await?;
+                    Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
+                } else {
+                    client
+                        .execute_raw(&step.statement, step.params.clone())
+                        .await
+                }
+            }))
+        );
+        begun.and(set_up).map_err(ApplyError::db(
+            "starting the transaction under the replication origin",
+        ))?;
         let mut hit = true;
-        for ((_, _, step, counted), result) in steps.iter().zip(results) {
+        for (step, result) in steps.iter().zip(results) {
             match result {
-                Ok(n) => hit &= counted.is_none() || n == 1,
-                Err(source) => {
-                    return Err(match (step, counted) {
-                        (Step::Change { what, .. }, Some(table)) => ApplyError::Statement {
-                            table: (*table).clone(),
-                            what,
-                            source,
-                        },
-                        _ => ApplyError::Database {
-                            what: "starting the transaction under the replication origin",
-                            source,
-                        },
-                    })
+                Ok(n) => hit &= step.expect.is_none_or(|e| n == e as u64),
+                Err(e) => {
+                    let p = &planned[step.change];
+                    tracing::debug!(table = %p.table, error = %pg_error_text(&e), "the fast attempt failed; applying the batch by the full statements");
+                    hit = false;
+                    break;
                 }
             }
         }
@@ -585,6 +687,28 @@ impl Applier {
             .await
             .map_err(ApplyError::db("committing"))?;
         Ok(true)
+    }
+
+    /// The local types of `quoted`'s columns, by name, as SQL type names (without type
+    /// modifiers: a value cast to `varchar` is then assigned to a `varchar(10)` column with the
+    /// same checks as a parameter of the column's type). Empty when the table is missing here;
+    /// the statements then fail with Postgres's own error.
+    async fn column_types(&self, quoted: &str) -> Result<ColumnTypes, ApplyError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, NULL) \
+                 FROM pg_catalog.pg_attribute AS a \
+                 WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 \
+                 AND NOT a.attisdropped",
+                &[&quoted],
+            )
+            .await
+            .map_err(ApplyError::db("reading the column types"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect())
     }
 
     /// Each table's name and quoted name, after checking it replicates here.
@@ -646,8 +770,12 @@ fn setup_params(last: &RemoteTx, start: Lsn) -> Vec<PgText> {
 #[derive(Debug, Clone)]
 enum Fast {
     /// A statement that applies the change only when it is no conflict, with the same
-    /// parameters as the full one; one row affected means it did.
-    Text(Arc<str>),
+    /// parameters as the full one; one row affected means it did. `bulk` does the same for a
+    /// group of changes of this shape at once (when the local column types are known).
+    Text {
+        single: Arc<str>,
+        bulk: Option<Arc<str>>,
+    },
     /// The full statement is the fast one too (TRUNCATE).
     Same,
     /// Only the full statement will do (a change refused by ownership).
@@ -663,7 +791,62 @@ struct Planned {
     step: Step,
     /// The table it is reported under (a TRUNCATE's first).
     table: TableName,
+    /// The rows it changes, as hashes of (table, key values): see [`runs`].
+    rows: Vec<u64>,
 }
+
+/// The fast attempt's order of a batch's planned changes: runs, in order, in which no row is
+/// changed twice (a hash seen twice ends a run, a TRUNCATE is a run of its own); within a run,
+/// groups of changes of one bulk statement, each in batch order. Changes in one run touch
+/// distinct rows, so they may be applied in any order.
+fn runs(planned: &[Planned]) -> Vec<Vec<Vec<usize>>> {
+    let mut runs = Vec::new();
+    let mut run: Vec<Vec<usize>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in planned.iter().enumerate() {
+        let bulk = match &p.fast {
+            Fast::Text { bulk, .. } => bulk.as_ref(),
+            Fast::Same | Fast::No => {
+                runs.extend((!run.is_empty()).then(|| std::mem::take(&mut run)));
+                runs.push(vec![vec![i]]);
+                seen.clear();
+                continue;
+            }
+        };
+        if p.rows.iter().any(|r| seen.contains(r)) {
+            runs.push(std::mem::take(&mut run));
+            seen.clear();
+        }
+        seen.extend(p.rows.iter().copied());
+        let same_shape = |g: &&mut Vec<usize>| match (&planned[g[0]].fast, bulk) {
+            (Fast::Text { bulk: Some(b), .. }, Some(bulk)) => Arc::ptr_eq(b, bulk),
+            _ => false,
+        };
+        match run.iter_mut().find(same_shape) {
+            Some(group) => group.push(i),
+            None => run.push(vec![i]),
+        }
+    }
+    runs.extend((!run.is_empty()).then_some(run));
+    runs
+}
+
+/// A row's identity in [`runs`]: its table and key values. A collision only ends a run early.
+fn row_hash<'a>(quoted: &str, key: impl Iterator<Item = &'a Datum>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    quoted.hash(&mut h);
+    for d in key {
+        match d {
+            Datum::Text(b) | Datum::Binary(b) => b.hash(&mut h),
+            Datum::Null | Datum::UnchangedToast => 0u8.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+/// A table's local column types, by column name (see `Applier::column_types`).
+type ColumnTypes = HashMap<String, String>;
 
 /// Who applies: what [`plan`] needs besides the change.
 struct Planner<'a> {
@@ -673,31 +856,53 @@ struct Planner<'a> {
     rules: &'a OwnerRules,
     origins: &'a sql::Origins,
     texts: &'a Texts,
+    types: &'a HashMap<TableName, Arc<ColumnTypes>>,
 }
 
-/// Statement texts (full, fast) by the shape of the change, so that the texts of a shape seen
-/// before are not built again (they are a few kilobytes each). Only the applier's own task uses
-/// it; a Mutex (never contended) rather than a RefCell keeps the applier `Send`.
-type Texts = std::sync::Mutex<HashMap<String, (Arc<str>, Arc<str>)>>;
+/// Statement texts by the shape of the change, so that the texts of a shape seen before are not
+/// built again (they are a few kilobytes each). Only the applier's own task uses it; a Mutex
+/// (never contended) rather than a RefCell keeps the applier `Send`. Cleared with the column
+/// types, which the bulk texts depend on.
+type Texts = std::sync::Mutex<HashMap<String, Shape>>;
+
+/// The texts of one change shape: the full statement and the fast path (single, bulk).
+#[derive(Clone)]
+struct Shape {
+    slow: Arc<str>,
+    fast: Fast,
+}
 
 impl Planner<'_> {
-    /// The texts of `shape`, built by `build` the first time.
+    /// The texts of `shape`, built by `build` the first time: (full, fast single, fast bulk).
     fn texts(
         &self,
         shape: String,
-        build: impl FnOnce() -> (String, String),
-    ) -> (Arc<str>, Arc<str>) {
+        build: impl FnOnce() -> (String, String, Option<String>),
+    ) -> (Arc<str>, Fast) {
         let mut texts = self
             .texts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        texts
-            .entry(shape)
-            .or_insert_with(|| {
-                let (slow, fast) = build();
-                (Arc::from(slow), Arc::from(fast))
-            })
-            .clone()
+        let shape = texts.entry(shape).or_insert_with(|| {
+            let (slow, single, bulk) = build();
+            Shape {
+                slow: Arc::from(slow),
+                fast: Fast::Text {
+                    single: Arc::from(single),
+                    bulk: bulk.map(Arc::from),
+                },
+            }
+        });
+        (shape.slow.clone(), shape.fast.clone())
+    }
+
+    /// The local types of `columns` of `table`, if all are known.
+    fn column_types(&self, table: &TableName, columns: &[&str]) -> Option<Vec<&str>> {
+        let types = self.types.get(table)?;
+        columns
+            .iter()
+            .map(|c| types.get(*c).map(String::as_str))
+            .collect()
     }
 
     fn lww<'b>(&'b self, quoted: &'b str, label: &'b str, table: &TableName) -> sql::Lww<'b> {
@@ -745,14 +950,26 @@ impl Planner<'_> {
         tx: usize,
     ) -> Result<Planned, ApplyError> {
         let (slow, fast, params, step) = self.plan_change(set, tables, change, commit_time, tx)?;
-        // plan_change has checked that the change's tables are described.
-        let table = tables[first_table(change)].0.clone();
+        // plan_change has checked that the change's tables are described, and its widths.
+        let (name, quoted) = &tables[first_table(change)];
+        let desc = &set.tables[first_table(change)];
+        let rows = match change {
+            Change::Insert { new, .. } => vec![row_hash(quoted, desc.key.iter().map(|&k| &new[k]))],
+            Change::Update { old_key, new, .. } => {
+                let mut rows = vec![row_hash(quoted, desc.key.iter().map(|&k| &new[k]))];
+                rows.extend(old_key.as_ref().map(|old| row_hash(quoted, old.iter())));
+                rows
+            }
+            Change::Delete { key, .. } => vec![row_hash(quoted, key.iter())],
+            Change::Truncate { .. } => Vec::new(),
+        };
         Ok(Planned {
             slow,
             fast,
             params,
             step,
-            table,
+            table: name.clone(),
+            rows,
         })
     }
 
@@ -788,12 +1005,16 @@ impl Planner<'_> {
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
+                    let bulk = self
+                        .column_types(name, &columns)
+                        .map(|types| lww.insert_bulk(&columns, &desc.key, u, &types));
                     (
                         lww.insert(&columns, &desc.key, u),
-                        lww.insert_fast(&columns, &desc.key),
+                        lww.insert_fast(&columns, &desc.key, u),
+                        bulk,
                     )
                 });
-                Ok((text, Fast::Text(fast), params, step))
+                Ok((text, fast, params, step))
             }
             Change::Update {
                 table,
@@ -860,12 +1081,17 @@ impl Planner<'_> {
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
+                    let typed: Vec<&str> = set_columns.iter().chain(&key).copied().collect();
+                    let bulk = self
+                        .column_types(name, &typed)
+                        .map(|types| lww.update_bulk(&set_columns, &key, &types));
                     (
                         lww.update(&set_columns, &key, u, whole),
                         lww.update_fast(&set_columns, &key),
+                        bulk,
                     )
                 });
-                Ok((text, Fast::Text(fast), params, step))
+                Ok((text, fast, params, step))
             }
             Change::Delete {
                 table,
@@ -900,9 +1126,12 @@ impl Planner<'_> {
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
-                    (lww.delete(&columns), lww.delete_fast(&columns))
+                    let bulk = self
+                        .column_types(name, &columns)
+                        .map(|types| lww.delete_bulk(&columns, &types));
+                    (lww.delete(&columns), lww.delete_fast(&columns), bulk)
                 });
-                Ok((text, Fast::Text(fast), params, step))
+                Ok((text, fast, params, step))
             }
             Change::Truncate {
                 tables: which,
@@ -1039,4 +1268,67 @@ fn check_width(desc: &TableDesc, got: usize) -> Result<(), ApplyError> {
 /// The table a change is reported under (a TRUNCATE's first); checked by [`plan`] first.
 fn first_table(change: &Change) -> usize {
     change.tables().next().unwrap_or(0) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A planned change for [`runs`]: `shape` names its bulk statement (`None`: none), `rows`
+    /// the rows it touches; `truncate` makes it a TRUNCATE.
+    fn change(shape: Option<&Arc<str>>, rows: &[u64], truncate: bool) -> Planned {
+        let single: Arc<str> = Arc::from("single");
+        Planned {
+            slow: Arc::from("slow"),
+            fast: if truncate {
+                Fast::Same
+            } else {
+                Fast::Text {
+                    single,
+                    bulk: shape.cloned(),
+                }
+            },
+            params: Vec::new(),
+            step: Step::Begin,
+            table: TableName::new("public", "t"),
+            rows: rows.to_vec(),
+        }
+    }
+
+    #[test]
+    fn runs_group_by_shape_and_end_where_a_row_comes_again() {
+        let (ins, upd): (Arc<str>, Arc<str>) = (Arc::from("ins"), Arc::from("upd"));
+        let planned = vec![
+            change(Some(&upd), &[1], false),    // 0
+            change(Some(&ins), &[2], false),    // 1
+            change(Some(&upd), &[3], false),    // 2
+            change(Some(&ins), &[4], false),    // 3
+            change(None, &[5], false),          // 4: no bulk form, a group of its own
+            change(Some(&upd), &[2], false),    // 5: row 2 again: a new run
+            change(Some(&upd), &[6, 7], false), // 6: a key change touches two rows
+            change(Some(&ins), &[7], false),    // 7: row 7 again
+            change(None, &[], true),            // 8: TRUNCATE, alone
+            change(Some(&ins), &[1], false),    // 9
+        ];
+        assert_eq!(
+            runs(&planned),
+            vec![
+                vec![vec![0, 2], vec![1, 3], vec![4]],
+                vec![vec![5, 6]],
+                vec![vec![7]],
+                vec![vec![8]],
+                vec![vec![9]],
+            ]
+        );
+        assert_eq!(runs(&[]), Vec::<Vec<Vec<usize>>>::new());
+    }
+
+    #[test]
+    fn a_row_is_its_table_and_key() {
+        let k = |s: &'static str| Datum::Text(Bytes::from_static(s.as_bytes()));
+        let a = row_hash("\"public\".\"t\"", [k("1"), k("x")].iter());
+        assert_eq!(a, row_hash("\"public\".\"t\"", [k("1"), k("x")].iter()));
+        assert_ne!(a, row_hash("\"public\".\"u\"", [k("1"), k("x")].iter()));
+        assert_ne!(a, row_hash("\"public\".\"t\"", [k("1"), k("y")].iter()));
+    }
 }

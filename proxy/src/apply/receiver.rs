@@ -17,7 +17,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{origin_name, Applier, ApplyError, BatchError, RemoteTx};
+use super::{origin_name, Applier, ApplyError, BatchError, Path, RemoteTx};
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::metrics::ReplicationMetrics;
 use crate::migrate::pg_error_text;
@@ -31,11 +31,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const LINK_SILENCE: Duration = Duration::from_secs(30);
 /// Transactions waiting between the link reader and apply: enough to batch commits, few enough
 /// that a slow database pushes back on the sender through TCP.
-const QUEUE: usize = 256;
+const QUEUE: usize = 1024;
 /// At most this many asynchronous commits before a synchronous one (and an ack).
-const MAX_UNSYNCED: usize = 256;
+const MAX_UNSYNCED: usize = 512;
 /// Transactions sent to the database as one pipeline.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 /// How long a new link waits for the origin's previous apply session to end.
 const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
 
@@ -281,6 +281,14 @@ impl Receiver {
             .transactions_applied
             .with_label_values(&[&node]);
         let apply_errors = self.metrics.apply_errors.with_label_values(&[&node]);
+        let fast_batches = self
+            .metrics
+            .apply_batches
+            .with_label_values(&[node.as_str(), "fast"]);
+        let full_batches = self
+            .metrics
+            .apply_batches
+            .with_label_values(&[node.as_str(), "full"]);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unsynced = 0usize;
@@ -324,6 +332,11 @@ impl Receiver {
                 Err(BatchError { applied, error }) => (applied, Some(error)),
             };
             applied_changes.inc_by(outcome.changes as u64);
+            match outcome.path {
+                Some(Path::Fast) => fast_batches.inc(),
+                Some(Path::Full) => full_batches.inc(),
+                None => {}
+            }
             applied_txs.inc_by(outcome.transactions as u64);
             if let Some(e) = error {
                 apply_errors.inc();

@@ -339,11 +339,7 @@ impl Lww<'_> {
         let tombstone = format!(
             "tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
              SELECT {label}, {key_json}, d.ru, {origin} FROM d \
-             WHERE d.action IN ('apply', 'apply_remote', 'missing') \
-             ON CONFLICT (table_name, key) DO UPDATE \
-             SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin, local_lsn = EXCLUDED.local_lsn \
-             WHERE EXCLUDED.deleted_at > x.deleted_at OR (EXCLUDED.deleted_at = x.deleted_at \
-             AND EXCLUDED.origin COLLATE \"C\" > x.origin COLLATE \"C\") RETURNING 1)",
+             WHERE d.action IN ('apply', 'apply_remote', 'missing') {TOMBSTONE_UPSERT})",
             label = escape_literal(self.label),
             key_json = Self::key_json(&key_params),
         );
@@ -369,14 +365,15 @@ impl Lww<'_> {
 
     /// ` AND (<sequential>)[ AND <owner> = origin]` over the local row `l`: the row follows
     /// from the change without a conflict (see [`Lww::sequential`]), and its origin owns it.
-    fn fast_condition(&self, old_param: Option<usize>) -> String {
+    /// `old` is the SQL text of the replaced version's stamp (microseconds as text).
+    fn fast_condition(&self, old: Option<&str>) -> String {
         let mut sql = format!(" AND ({} = {}", self.row_origin_id(), self.origin_id());
-        if let Some(p) = old_param {
+        if let Some(old) = old {
             let _ = write!(
                 sql,
                 " OR l.{} = {}",
                 escape_identifier(self.conflict_column),
-                micros_param(p)
+                micros(old)
             );
         }
         sql.push(')');
@@ -386,16 +383,16 @@ impl Lww<'_> {
         sql
     }
 
-    /// The fast path of [`Lww::insert`], with the same parameters: one row when the key was
-    /// free and has no tombstone at all, i.e. exactly when the full statement would insert
-    /// without a conflict; otherwise the caller falls back to the full statement.
-    pub fn insert_fast(&self, columns: &[&str], key: &[usize]) -> String {
+    /// The fast path of [`Lww::insert`], with the same parameters (`u` indexes the conflict
+    /// column): one row when the key was free and no tombstone of it is as new as the insert,
+    /// i.e. exactly when the full statement would insert without a conflict; otherwise the
+    /// caller falls back to the full statement.
+    pub fn insert_fast(&self, columns: &[&str], key: &[usize], u: usize) -> String {
         let values: Vec<String> = (1..=columns.len()).map(|p| format!("${p}")).collect();
         let key_params: Vec<usize> = key.iter().map(|k| k + 1).collect();
         format!(
             "WITH ins AS (INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING 1) \
-             SELECT 1 FROM ins WHERE NOT EXISTS (SELECT 1 FROM pgmm.tombstones AS t \
-             WHERE t.table_name = {} AND t.key = {})",
+             SELECT 1 FROM ins WHERE NOT {}",
             self.table,
             columns
                 .iter()
@@ -403,8 +400,22 @@ impl Lww<'_> {
                 .collect::<Vec<_>>()
                 .join(", "),
             values.join(", "),
+            self.held_by_tombstone(&Self::key_json(&key_params), &format!("${}", u + 1)),
+        )
+    }
+
+    /// `EXISTS (...)`: whether a tombstone of the key `key_json` is at least as new as an
+    /// insert stamped `u` (which the full statement would skip as `update_deleted`).
+    fn held_by_tombstone(&self, key_json: &str, u: &str) -> String {
+        format!(
+            "EXISTS (SELECT 1 FROM pgmm.tombstones AS t \
+             WHERE t.table_name = {} AND t.key = {key_json} AND NOT {})",
             escape_literal(self.label),
-            Self::key_json(&key_params),
+            self.newer(
+                &format!("coalesce({u}, '-infinity'::timestamptz)"),
+                "t.deleted_at",
+                "t.origin"
+            ),
         )
     }
 
@@ -417,7 +428,7 @@ impl Lww<'_> {
             let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
         });
         where_key_params(&mut sql, "l", key, &key_params);
-        sql.push_str(&self.fast_condition(Some(set.len() + key.len() + 1)));
+        sql.push_str(&self.fast_condition(Some(&format!("${}", set.len() + key.len() + 1))));
         sql
     }
 
@@ -427,21 +438,104 @@ impl Lww<'_> {
         let key_params: Vec<usize> = (1..=key.len()).collect();
         let mut del = format!("WITH del AS (DELETE FROM {} AS l", self.table);
         where_key_params(&mut del, "l", key, &key_params);
-        del.push_str(&self.fast_condition(Some(key.len() + 2)));
+        del.push_str(&self.fast_condition(Some(&format!("${}", key.len() + 2))));
         del.push_str(" RETURNING 1)");
         format!(
             "{del}, tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
-             SELECT {label}, {key_json}, {stamp}, {origin} FROM del \
-             ON CONFLICT (table_name, key) DO UPDATE \
-             SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin, local_lsn = EXCLUDED.local_lsn \
-             WHERE EXCLUDED.deleted_at > x.deleted_at OR (EXCLUDED.deleted_at = x.deleted_at \
-             AND EXCLUDED.origin COLLATE \"C\" > x.origin COLLATE \"C\") RETURNING 1) \
+             SELECT {label}, {key_json}, {stamp}, {origin} FROM del {TOMBSTONE_UPSERT}) \
              SELECT 1 FROM del",
             label = escape_literal(self.label),
             key_json = Self::key_json(&key_params),
             stamp = micros_param(key.len() + 1),
             origin = self.origin_lit(),
         )
+    }
+
+    /// The bulk form of [`Lww::insert_fast`], for a group of inserts into the same columns:
+    /// parameter `$i` is the `text[]` of parameter `$i` of every change of the group, and
+    /// `types` are the columns' types, which each value is cast to (a single statement's
+    /// parameter gets its column's type by inference; an array element of text does not).
+    /// Its one row counts the rows inserted: all of the group exactly when every change took
+    /// its fast path.
+    pub fn insert_bulk(&self, columns: &[&str], key: &[usize], u: usize, types: &[&str]) -> String {
+        let key_json = json_array(key.iter().map(|&k| cast_text(k + 1, types[k])));
+        format!(
+            "WITH ins AS (INSERT INTO {} ({}) SELECT {} FROM {} WHERE NOT {} \
+             ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
+            self.table,
+            columns
+                .iter()
+                .map(|c| escape_identifier(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            casts(types, 1),
+            rows_from(columns.len()),
+            self.held_by_tombstone(&key_json, &cast(u + 1, types[u])),
+        )
+    }
+
+    /// The bulk form of [`Lww::update_fast`], parameters as in [`Lww::insert_bulk`]; `types`
+    /// are those of the `set` columns, then of the `key` columns. A key twice in one group
+    /// would be updated once and miss the count, so groups hold distinct keys.
+    pub fn update_bulk(&self, set: &[&str], key: &[&str], types: &[&str]) -> String {
+        let mut sql = format!("WITH upd AS (UPDATE {} AS l SET ", self.table);
+        list(&mut sql, set, |sql, c, i| {
+            let _ = write!(sql, "{} = {}", escape_identifier(c), cast(i + 1, types[i]));
+        });
+        let _ = write!(sql, " FROM {} WHERE ", rows_from(set.len() + key.len() + 1));
+        for (j, c) in key.iter().enumerate() {
+            if j > 0 {
+                sql.push_str(" AND ");
+            }
+            let p = set.len() + j + 1;
+            let _ = write!(
+                sql,
+                "l.{} = {}",
+                escape_identifier(c),
+                cast(p, types[p - 1])
+            );
+        }
+        sql.push_str(&self.fast_condition(Some(&format!("v.p{}", set.len() + key.len() + 1))));
+        sql.push_str(" RETURNING 1) SELECT count(*) FROM upd");
+        sql
+    }
+
+    /// The bulk form of [`Lww::delete_fast`], parameters as in [`Lww::insert_bulk`]; `types`
+    /// are the key columns'.
+    pub fn delete_bulk(&self, key: &[&str], types: &[&str]) -> String {
+        let mut sql = format!(
+            "WITH del AS (DELETE FROM {} AS l USING {} WHERE ",
+            self.table,
+            rows_from(key.len() + 2)
+        );
+        for (j, c) in key.iter().enumerate() {
+            if j > 0 {
+                sql.push_str(" AND ");
+            }
+            let _ = write!(
+                sql,
+                "l.{} = {}",
+                escape_identifier(c),
+                cast(j + 1, types[j])
+            );
+        }
+        sql.push_str(&self.fast_condition(Some(&format!("v.p{}", key.len() + 2))));
+        let key_json = json_array(
+            key.iter()
+                .map(|c| format!("l.{}::text", escape_identifier(c))),
+        );
+        let _ = write!(
+            sql,
+            " RETURNING {key_json} AS key, v.p{} AS stamp), \
+             tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
+             SELECT {}, del.key, {}, {} FROM del {TOMBSTONE_UPSERT}) \
+             SELECT count(*) FROM del",
+            key.len() + 1,
+            escape_literal(self.label),
+            micros("del.stamp"),
+            self.origin_lit(),
+        );
+        sql
     }
 
     /// Records a change refused before it ran (its origin may not make it): the remote tuple's
@@ -472,10 +566,61 @@ impl Lww<'_> {
     }
 }
 
+/// How a tombstone upsert keeps the newer of two tombstones of a key.
+const TOMBSTONE_UPSERT: &str = "ON CONFLICT (table_name, key) DO UPDATE \
+     SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin, local_lsn = EXCLUDED.local_lsn \
+     WHERE EXCLUDED.deleted_at > x.deleted_at OR (EXCLUDED.deleted_at = x.deleted_at \
+     AND EXCLUDED.origin COLLATE \"C\" > x.origin COLLATE \"C\") RETURNING 1";
+
+/// `ROWS FROM (unnest($1::text[]), ...) AS v(p1, ...)`: the rows of a bulk statement, one per
+/// change, from its `n` array parameters.
+fn rows_from(n: usize) -> String {
+    let arrays: Vec<String> = (1..=n).map(|p| format!("unnest(${p}::text[])")).collect();
+    let names: Vec<String> = (1..=n).map(|p| format!("p{p}")).collect();
+    format!(
+        "ROWS FROM ({}) AS v({})",
+        arrays.join(", "),
+        names.join(", ")
+    )
+}
+
+/// Column `p` of the bulk rows `v`, as a value of `ty`.
+fn cast(p: usize, ty: &str) -> String {
+    format!("CAST(v.p{p} AS {ty})")
+}
+
+/// Column `p` of the bulk rows `v` in the text form of `ty`: what the tombstone key holds.
+fn cast_text(p: usize, ty: &str) -> String {
+    format!("{}::text", cast(p, ty))
+}
+
+/// Columns `first..` of the bulk rows `v`, each cast to its type.
+fn casts(types: &[&str], first: usize) -> String {
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| cast(first + i, ty))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `jsonb_build_array(...)` of the items.
+fn json_array(items: impl Iterator<Item = String>) -> String {
+    format!(
+        "pg_catalog.jsonb_build_array({})",
+        items.collect::<Vec<_>>().join(", ")
+    )
+}
+
 /// `$p` (microseconds since 2000-01-01 UTC, as text) as a timestamptz.
 fn micros_param(p: usize) -> String {
+    micros(&format!("${p}"))
+}
+
+/// The SQL text `expr` (microseconds since 2000-01-01 UTC, as text) as a timestamptz.
+fn micros(expr: &str) -> String {
     format!(
-        "(timestamptz '2000-01-01 00:00:00+00' + ${p}::text::bigint * interval '1 microsecond')"
+        "(timestamptz '2000-01-01 00:00:00+00' + {expr}::text::bigint * interval '1 microsecond')"
     )
 }
 
@@ -597,18 +742,64 @@ mod tests {
         assert!(upd.starts_with("UPDATE \"public\".\"t\" AS l SET \"v\" = $1, \"updated_at\" = $2 WHERE l.\"id\" = $3 AND ("), "{upd}");
         assert!(upd.contains("THEN 1::oid ELSE 0::oid END) = 1 OR l.\"updated_at\" = (timestamptz '2000-01-01 00:00:00+00' + $4::text::bigint"), "{upd}");
         assert!(upd.ends_with("AND l.\"home\"::text = 'b'"), "{upd}");
-        let ins = lww(None).insert_fast(&["v", "id"], &[1]);
+        let ins = lww(None).insert_fast(&["v", "id", "updated_at"], &[1], 2);
         assert!(
-            ins.contains("VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1)"),
+            ins.contains("VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1)"),
             "{ins}"
         );
         assert!(
-            ins.contains("t.key = pg_catalog.jsonb_build_array($2::text))"),
+            ins.contains("t.key = pg_catalog.jsonb_build_array($2::text) AND NOT (coalesce($3, '-infinity'::timestamptz) > t.deleted_at OR"),
             "{ins}"
         );
         let del = lww(None).delete_fast(&["id"]);
         assert!(del.contains("$3::text::bigint"), "{del}");
         assert!(del.ends_with("SELECT 1 FROM del"), "{del}");
+    }
+
+    #[test]
+    fn bulk_statements_cast_each_array_column_to_its_local_type() {
+        let l = lww(Some("l.\"home\"::text".into()));
+        let ins = l.insert_bulk(
+            &["v", "id", "updated_at"],
+            &[1],
+            2,
+            &["numeric", "bigint", "timestamp with time zone"],
+        );
+        assert!(ins.starts_with("WITH ins AS (INSERT INTO \"public\".\"t\" (\"v\", \"id\", \"updated_at\") SELECT CAST(v.p1 AS numeric), CAST(v.p2 AS bigint), CAST(v.p3 AS timestamp with time zone) FROM ROWS FROM (unnest($1::text[]), unnest($2::text[]), unnest($3::text[])) AS v(p1, p2, p3) WHERE NOT EXISTS"), "{ins}");
+        assert!(ins.contains("t.key = pg_catalog.jsonb_build_array(CAST(v.p2 AS bigint)::text) AND NOT (coalesce(CAST(v.p3 AS timestamp with time zone), '-infinity'::timestamptz) > t.deleted_at"), "{ins}");
+        assert!(
+            ins.ends_with("ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins"),
+            "{ins}"
+        );
+
+        let upd = l.update_bulk(
+            &["v", "updated_at"],
+            &["id", "k2"],
+            &["text", "timestamp with time zone", "integer", "uuid"],
+        );
+        assert!(upd.contains("SET \"v\" = CAST(v.p1 AS text), \"updated_at\" = CAST(v.p2 AS timestamp with time zone) FROM ROWS FROM (unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[])) AS v(p1, p2, p3, p4, p5) WHERE l.\"id\" = CAST(v.p3 AS integer) AND l.\"k2\" = CAST(v.p4 AS uuid) AND ("), "{upd}");
+        assert!(
+            upd.contains(
+                "OR l.\"updated_at\" = (timestamptz '2000-01-01 00:00:00+00' + v.p5::text::bigint"
+            ),
+            "{upd}"
+        );
+        assert!(
+            upd.ends_with("AND l.\"home\"::text = 'b' RETURNING 1) SELECT count(*) FROM upd"),
+            "{upd}"
+        );
+
+        let del = lww(None).delete_bulk(&["id"], &["integer"]);
+        assert!(del.starts_with("WITH del AS (DELETE FROM \"public\".\"t\" AS l USING ROWS FROM (unnest($1::text[]), unnest($2::text[]), unnest($3::text[])) AS v(p1, p2, p3) WHERE l.\"id\" = CAST(v.p1 AS integer) AND ("), "{del}");
+        assert!(del.contains("v.p3::text::bigint"), "{del}");
+        assert!(
+            del.contains(
+                "RETURNING pg_catalog.jsonb_build_array(l.\"id\"::text) AS key, v.p2 AS stamp)"
+            ),
+            "{del}"
+        );
+        assert!(del.contains("SELECT 'public.t', del.key, (timestamptz '2000-01-01 00:00:00+00' + del.stamp::text::bigint * interval '1 microsecond'), 'b' FROM del ON CONFLICT (table_name, key) DO UPDATE"), "{del}");
+        assert!(del.ends_with("SELECT count(*) FROM del"), "{del}");
     }
 
     #[test]
