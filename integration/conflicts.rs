@@ -140,6 +140,18 @@ fn conflicting_writes_during_a_partition_resolve_by_last_writer_wins_everywhere(
             5.0,
             "pgmm_conflicts_total on node {i}"
         );
+        // A conflict is never decided on the fast path: its batch went the full way.
+        let full: f64 = c
+            .pgmm(i)
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("pgmm_apply_batches_total{path=\"full\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            full >= 1.0,
+            "pgmm_apply_batches_total{{path=\"full\"}} on node {i}: {full}"
+        );
     }
     // Both tuples are logged: the local one as it was, the remote one as it came.
     assert_eq!(

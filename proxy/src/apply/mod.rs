@@ -573,15 +573,16 @@ impl Applier {
         }
     }
 
-    /// The fast attempt at a batch (see `pipeline`): BEGIN, the origin setup and every change's
-    /// fast statement as one pipeline; commits (true) when every change took its fast path,
-    /// rolls back (false) when one did not, or when one failed (the full statements then apply
-    /// the batch in order, and report the error if it is real).
+    /// The fast attempt at a batch (see `pipeline`): BEGIN, the origin setup, every change's
+    /// fast statement and COMMIT, as one pipeline, so that it takes one round trip. A fast
+    /// statement fails unless it applied all its changes (`sql::all_applied`), which aborts the
+    /// transaction and turns the COMMIT into a rollback; then (false) the full statements apply
+    /// the batch in order, and report the error if it is a real one.
     ///
     /// Changes to distinct rows commute, so the batch is cut into runs in which no row is
     /// changed twice, and within a run the changes of one shape (table, operation, columns) go
     /// into one bulk statement over arrays of their values ([`sql::Lww::insert_bulk`]): one
-    /// statement, one plan execution and one round of results for many rows.
+    /// statement, one plan execution and one result for many rows.
     async fn try_fast(
         &mut self,
         planned: &[Planned],
@@ -589,25 +590,25 @@ impl Applier {
         start: Lsn,
         sync: bool,
     ) -> Result<bool, ApplyError> {
-        struct FastStep {
-            statement: Statement,
-            params: Vec<Param>,
-            /// The planned change reported on failure (a bulk's first).
-            change: usize,
-            /// How many rows it must apply; `None` for a TRUNCATE (any).
-            expect: Option<usize>,
-            bulk: bool,
-        }
-        let mut steps: Vec<FastStep> = Vec::new();
+        let mut steps: Vec<(Statement, Vec<Param>)> = vec![
+            (self.begin.clone(), Vec::new()),
+            (
+                self.setup.clone(),
+                setup_params(last, start)
+                    .into_iter()
+                    .map(Param::One)
+                    .collect(),
+            ),
+        ];
         for run in runs(planned) {
             for group in run {
                 let p = &planned[group[0]];
-                let (text, expect, bulk) = match &p.fast {
+                let (text, bulk) = match &p.fast {
                     Fast::Text {
                         bulk: Some(bulk), ..
-                    } if group.len() > 1 => (bulk, Some(group.len()), true),
-                    Fast::Text { single, .. } => (single, Some(1), false),
-                    Fast::Same => (&p.slow, None, false),
+                    } if group.len() > 1 => (bulk, true),
+                    Fast::Text { single, .. } => (single, false),
+                    Fast::Same => (&p.slow, false),
                     Fast::No => unreachable!("checked by the caller"),
                 };
                 let statement = self.prepared(text, &p.table, &p.step).await?;
@@ -625,68 +626,32 @@ impl Applier {
                 } else {
                     p.params.iter().cloned().map(Param::One).collect()
                 };
-                steps.push(FastStep {
-                    statement,
-                    params,
-                    change: group[0],
-                    expect,
-                    bulk,
-                });
+                steps.push((statement, params));
             }
-        }
-        let client = &self.client;
-        let setup = setup_params(last, start);
-        let (begun, set_up, results) = futures_util::join!(
-            client.execute_raw(&self.begin, Vec::<PgText>::new()),
-            client.execute_raw(&self.setup, setup),
-            join_all(steps.iter().map(|step| async move {
-                if step.bulk {
-                    let rows: Vec<tokio_postgres::Row> = client
-                        .query_raw(&step.statement, step.params.clone())
-                        .await?
-                        .try_collect()
-                        .await?;
-                    Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
-                } else {
-                    client
-                        .execute_raw(&step.statement, step.params.clone())
-                        .await
-                }
-            }))
-        );
-        begun.and(set_up).map_err(ApplyError::db(
-            "starting the transaction under the replication origin",
-        ))?;
-        let mut hit = true;
-        for (step, result) in steps.iter().zip(results) {
-            match result {
-                Ok(n) => hit &= step.expect.is_none_or(|e| n == e as u64),
-                Err(e) => {
-                    let p = &planned[step.change];
-                    tracing::debug!(table = %p.table, error = %pg_error_text(&e), "the fast attempt failed; applying the batch by the full statements");
-                    hit = false;
-                    break;
-                }
-            }
-        }
-        if !hit {
-            self.client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(ApplyError::db("rolling back the fast attempt"))?;
-            return Ok(false);
         }
         if sync {
-            self.client
-                .execute(&self.sync_commit, &[])
-                .await
-                .map_err(ApplyError::db("committing"))?;
+            steps.push((self.sync_commit.clone(), Vec::new()));
         }
-        self.client
-            .execute(&self.commit, &[])
-            .await
-            .map_err(ApplyError::db("committing"))?;
-        Ok(true)
+        steps.push((self.commit.clone(), Vec::new()));
+        let client = &self.client;
+        let results = join_all(
+            steps
+                .iter()
+                .map(|(statement, params)| client.execute_raw(statement, params)),
+        )
+        .await;
+        // The first error is the cause; those after it only say that the transaction aborted.
+        match results.into_iter().find_map(Result::err) {
+            None => Ok(true),
+            Some(e) if self.client.is_closed() => Err(ApplyError::Database {
+                what: "applying a batch",
+                source: e,
+            }),
+            Some(e) => {
+                tracing::debug!(error = %pg_error_text(&e), "the fast attempt missed; applying the batch by the full statements");
+                Ok(false)
+            }
+        }
     }
 
     /// The local types of `quoted`'s columns, by name, as SQL type names (without type

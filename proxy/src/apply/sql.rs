@@ -384,15 +384,15 @@ impl Lww<'_> {
     }
 
     /// The fast path of [`Lww::insert`], with the same parameters (`u` indexes the conflict
-    /// column): one row when the key was free and no tombstone of it is as new as the insert,
-    /// i.e. exactly when the full statement would insert without a conflict; otherwise the
-    /// caller falls back to the full statement.
+    /// column): it inserts when the key was free and no tombstone of it is as new as the
+    /// insert, i.e. exactly when the full statement would insert without a conflict, and
+    /// otherwise fails (see [`all_applied`]); the caller then falls back to the full statement.
     pub fn insert_fast(&self, columns: &[&str], key: &[usize], u: usize) -> String {
         let values: Vec<String> = (1..=columns.len()).map(|p| format!("${p}")).collect();
         let key_params: Vec<usize> = key.iter().map(|k| k + 1).collect();
         format!(
             "WITH ins AS (INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING 1) \
-             SELECT 1 FROM ins WHERE NOT {}",
+             {} WHERE NOT {}",
             self.table,
             columns
                 .iter()
@@ -400,6 +400,7 @@ impl Lww<'_> {
                 .collect::<Vec<_>>()
                 .join(", "),
             values.join(", "),
+            all_applied("ins", "1"),
             self.held_by_tombstone(&Self::key_json(&key_params), &format!("${}", u + 1)),
         )
     }
@@ -419,21 +420,23 @@ impl Lww<'_> {
         )
     }
 
-    /// The fast path of [`Lww::update`], with the same parameters: one row when the local row
-    /// follows from the change without a conflict.
+    /// The fast path of [`Lww::update`], with the same parameters: it updates the row when
+    /// it follows from the change without a conflict, and otherwise fails.
     pub fn update_fast(&self, set: &[&str], key: &[&str]) -> String {
         let key_params: Vec<usize> = (set.len() + 1..=set.len() + key.len()).collect();
-        let mut sql = format!("UPDATE {} AS l SET ", self.table);
+        let mut sql = format!("WITH upd AS (UPDATE {} AS l SET ", self.table);
         list(&mut sql, set, |sql, c, i| {
             let _ = write!(sql, "{} = ${}", escape_identifier(c), i + 1);
         });
         where_key_params(&mut sql, "l", key, &key_params);
         sql.push_str(&self.fast_condition(Some(&format!("${}", set.len() + key.len() + 1))));
+        let _ = write!(sql, " RETURNING 1) {}", all_applied("upd", "1"));
         sql
     }
 
-    /// The fast path of [`Lww::delete`], with the same parameters: one row when the local row
-    /// follows from the change without a conflict (it is deleted and its tombstone recorded).
+    /// The fast path of [`Lww::delete`], with the same parameters: it deletes the row (and
+    /// records its tombstone) when it follows from the change without a conflict, and
+    /// otherwise fails.
     pub fn delete_fast(&self, key: &[&str]) -> String {
         let key_params: Vec<usize> = (1..=key.len()).collect();
         let mut del = format!("WITH del AS (DELETE FROM {} AS l", self.table);
@@ -443,7 +446,8 @@ impl Lww<'_> {
         format!(
             "{del}, tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
              SELECT {label}, {key_json}, {stamp}, {origin} FROM del {TOMBSTONE_UPSERT}) \
-             SELECT 1 FROM del",
+             {applied}",
+            applied = all_applied("del", "1"),
             label = escape_literal(self.label),
             key_json = Self::key_json(&key_params),
             stamp = micros_param(key.len() + 1),
@@ -455,13 +459,12 @@ impl Lww<'_> {
     /// parameter `$i` is the `text[]` of parameter `$i` of every change of the group, and
     /// `types` are the columns' types, which each value is cast to (a single statement's
     /// parameter gets its column's type by inference; an array element of text does not).
-    /// Its one row counts the rows inserted: all of the group exactly when every change took
-    /// its fast path.
+    /// It fails unless it inserted a row for every change of the group.
     pub fn insert_bulk(&self, columns: &[&str], key: &[usize], u: usize, types: &[&str]) -> String {
         let key_json = json_array(key.iter().map(|&k| cast_text(k + 1, types[k])));
         format!(
             "WITH ins AS (INSERT INTO {} ({}) SELECT {} FROM {} WHERE NOT {} \
-             ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
+             ON CONFLICT DO NOTHING RETURNING 1) {}",
             self.table,
             columns
                 .iter()
@@ -471,6 +474,7 @@ impl Lww<'_> {
             casts(types, 1),
             rows_from(columns.len()),
             self.held_by_tombstone(&key_json, &cast(u + 1, types[u])),
+            all_applied("ins", BULK_ROWS),
         )
     }
 
@@ -496,7 +500,7 @@ impl Lww<'_> {
             );
         }
         sql.push_str(&self.fast_condition(Some(&format!("v.p{}", set.len() + key.len() + 1))));
-        sql.push_str(" RETURNING 1) SELECT count(*) FROM upd");
+        let _ = write!(sql, " RETURNING 1) {}", all_applied("upd", BULK_ROWS));
         sql
     }
 
@@ -528,12 +532,12 @@ impl Lww<'_> {
             sql,
             " RETURNING {key_json} AS key, v.p{} AS stamp), \
              tombstone AS (INSERT INTO pgmm.tombstones AS x (table_name, key, deleted_at, origin) \
-             SELECT {}, del.key, {}, {} FROM del {TOMBSTONE_UPSERT}) \
-             SELECT count(*) FROM del",
+             SELECT {}, del.key, {}, {} FROM del {TOMBSTONE_UPSERT}) {}",
             key.len() + 1,
             escape_literal(self.label),
             micros("del.stamp"),
             self.origin_lit(),
+            all_applied("del", BULK_ROWS),
         );
         sql
     }
@@ -565,6 +569,17 @@ impl Lww<'_> {
         )
     }
 }
+
+/// `SELECT` over the CTE `cte` that fails with division by zero (22012) unless it holds exactly
+/// `expected` rows: a fast statement that did not apply all its changes aborts the transaction
+/// by itself, so the fast attempt can be sent with its COMMIT in one pipeline, and a miss turns
+/// that COMMIT into a rollback.
+fn all_applied(cte: &str, expected: &str) -> String {
+    format!("SELECT 1 / (count(*) = {expected})::int FROM {cte}")
+}
+
+/// The number of changes of a bulk statement: the length of its arrays.
+const BULK_ROWS: &str = "pg_catalog.cardinality($1::text[])";
 
 /// How a tombstone upsert keeps the newer of two tombstones of a key.
 const TOMBSTONE_UPSERT: &str = "ON CONFLICT (table_name, key) DO UPDATE \
@@ -739,9 +754,14 @@ mod tests {
     fn fast_paths_apply_only_what_follows_from_the_local_row() {
         let l = lww(Some("l.\"home\"::text".into()));
         let upd = l.update_fast(&["v", "updated_at"], &["id"]);
-        assert!(upd.starts_with("UPDATE \"public\".\"t\" AS l SET \"v\" = $1, \"updated_at\" = $2 WHERE l.\"id\" = $3 AND ("), "{upd}");
+        assert!(upd.starts_with("WITH upd AS (UPDATE \"public\".\"t\" AS l SET \"v\" = $1, \"updated_at\" = $2 WHERE l.\"id\" = $3 AND ("), "{upd}");
         assert!(upd.contains("THEN 1::oid ELSE 0::oid END) = 1 OR l.\"updated_at\" = (timestamptz '2000-01-01 00:00:00+00' + $4::text::bigint"), "{upd}");
-        assert!(upd.ends_with("AND l.\"home\"::text = 'b'"), "{upd}");
+        assert!(
+            upd.ends_with(
+                "AND l.\"home\"::text = 'b' RETURNING 1) SELECT 1 / (count(*) = 1)::int FROM upd"
+            ),
+            "{upd}"
+        );
         let ins = lww(None).insert_fast(&["v", "id", "updated_at"], &[1], 2);
         assert!(
             ins.contains("VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1)"),
@@ -753,7 +773,10 @@ mod tests {
         );
         let del = lww(None).delete_fast(&["id"]);
         assert!(del.contains("$3::text::bigint"), "{del}");
-        assert!(del.ends_with("SELECT 1 FROM del"), "{del}");
+        assert!(
+            del.ends_with("SELECT 1 / (count(*) = 1)::int FROM del"),
+            "{del}"
+        );
     }
 
     #[test]
@@ -768,7 +791,7 @@ mod tests {
         assert!(ins.starts_with("WITH ins AS (INSERT INTO \"public\".\"t\" (\"v\", \"id\", \"updated_at\") SELECT CAST(v.p1 AS numeric), CAST(v.p2 AS bigint), CAST(v.p3 AS timestamp with time zone) FROM ROWS FROM (unnest($1::text[]), unnest($2::text[]), unnest($3::text[])) AS v(p1, p2, p3) WHERE NOT EXISTS"), "{ins}");
         assert!(ins.contains("t.key = pg_catalog.jsonb_build_array(CAST(v.p2 AS bigint)::text) AND NOT (coalesce(CAST(v.p3 AS timestamp with time zone), '-infinity'::timestamptz) > t.deleted_at"), "{ins}");
         assert!(
-            ins.ends_with("ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins"),
+            ins.ends_with("ON CONFLICT DO NOTHING RETURNING 1) SELECT 1 / (count(*) = pg_catalog.cardinality($1::text[]))::int FROM ins"),
             "{ins}"
         );
 
@@ -785,7 +808,7 @@ mod tests {
             "{upd}"
         );
         assert!(
-            upd.ends_with("AND l.\"home\"::text = 'b' RETURNING 1) SELECT count(*) FROM upd"),
+            upd.ends_with("AND l.\"home\"::text = 'b' RETURNING 1) SELECT 1 / (count(*) = pg_catalog.cardinality($1::text[]))::int FROM upd"),
             "{upd}"
         );
 
@@ -799,7 +822,10 @@ mod tests {
             "{del}"
         );
         assert!(del.contains("SELECT 'public.t', del.key, (timestamptz '2000-01-01 00:00:00+00' + del.stamp::text::bigint * interval '1 microsecond'), 'b' FROM del ON CONFLICT (table_name, key) DO UPDATE"), "{del}");
-        assert!(del.ends_with("SELECT count(*) FROM del"), "{del}");
+        assert!(
+            del.ends_with("RETURNING 1) SELECT 1 / (count(*) = pg_catalog.cardinality($1::text[]))::int FROM del"),
+            "{del}"
+        );
     }
 
     #[test]
