@@ -713,7 +713,7 @@ if has pgmm; then
     conflicts=$(val p2 'SELECT count(*) FROM pgmm.conflicts' 2>/dev/null || echo '?')
     echo "pgmm.conflicts rows on node b: $conflicts"
     metrics=$(curl -fsS "http://127.0.0.1:${metrics_port[b]}/metrics" 2>/dev/null |
-        grep -E '^pgmm_changes_applied_total' | tr '\n' ' ' || true)
+        grep -E '^pgmm_(changes|transactions)_applied_total|^pgmm_apply_batches_total' | tr '\n' ' ' || true)
     [[ -n "$metrics" ]] && echo "node b: $metrics"
     metrics=$(curl -fsS "http://127.0.0.1:${metrics_port[a]}/metrics" 2>/dev/null |
         grep -E '^pgmm_changes_(captured|shipped)_total' | tr '\n' ' ' || true)

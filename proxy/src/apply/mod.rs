@@ -579,10 +579,11 @@ impl Applier {
     /// transaction and turns the COMMIT into a rollback; then (false) the full statements apply
     /// the batch in order, and report the error if it is a real one.
     ///
-    /// Changes to distinct rows commute, so the batch is cut into runs in which no row is
-    /// changed twice, and within a run the changes of one shape (table, operation, columns) go
-    /// into one bulk statement over arrays of their values ([`sql::Lww::insert_bulk`]): one
-    /// statement, one plan execution and one result for many rows.
+    /// Changes to distinct rows commute, so the batch is sorted into layers in which no row is
+    /// changed twice ([`layers`]), and within a layer the changes of one shape (table,
+    /// operation, columns) go into one bulk statement over arrays of their values
+    /// ([`sql::Lww::insert_bulk`]): one statement, one plan execution and one result for many
+    /// rows.
     async fn try_fast(
         &mut self,
         planned: &[Planned],
@@ -600,8 +601,8 @@ impl Applier {
                     .collect(),
             ),
         ];
-        for run in runs(planned) {
-            for group in run {
+        for layer in layers(planned) {
+            for group in layer {
                 let p = &planned[group[0]];
                 let (text, bulk) = match &p.fast {
                     Fast::Text {
@@ -756,47 +757,59 @@ struct Planned {
     step: Step,
     /// The table it is reported under (a TRUNCATE's first).
     table: TableName,
-    /// The rows it changes, as hashes of (table, key values): see [`runs`].
+    /// The rows it changes, as hashes of (table, key values): see [`layers`].
     rows: Vec<u64>,
 }
 
-/// The fast attempt's order of a batch's planned changes: runs, in order, in which no row is
-/// changed twice (a hash seen twice ends a run, a TRUNCATE is a run of its own); within a run,
-/// groups of changes of one bulk statement, each in batch order. Changes in one run touch
-/// distinct rows, so they may be applied in any order.
-fn runs(planned: &[Planned]) -> Vec<Vec<Vec<usize>>> {
-    let mut runs = Vec::new();
-    let mut run: Vec<Vec<usize>> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+/// The fast attempt's order of a batch's planned changes: layers, in order; within a layer,
+/// groups of changes of one bulk statement, each in batch order. A change goes into the first
+/// layer after those of every earlier change to one of its rows (for a key change, both keys),
+/// so a layer never changes a row twice and each row sees its changes in batch order; changes
+/// to distinct rows commute, so nothing else orders them. A TRUNCATE is a barrier: a layer of
+/// its own after everything before it.
+fn layers(planned: &[Planned]) -> Vec<Vec<Vec<usize>>> {
+    let mut done: Vec<Vec<Vec<usize>>> = Vec::new();
+    let mut layers: Vec<Vec<Vec<usize>>> = Vec::new();
+    // The first layer each row's next change may go into.
+    let mut next: HashMap<u64, usize> = HashMap::new();
     for (i, p) in planned.iter().enumerate() {
         let bulk = match &p.fast {
             Fast::Text { bulk, .. } => bulk.as_ref(),
             Fast::Same | Fast::No => {
-                runs.extend((!run.is_empty()).then(|| std::mem::take(&mut run)));
-                runs.push(vec![vec![i]]);
-                seen.clear();
+                done.append(&mut layers);
+                done.push(vec![vec![i]]);
+                next.clear();
                 continue;
             }
         };
-        if p.rows.iter().any(|r| seen.contains(r)) {
-            runs.push(std::mem::take(&mut run));
-            seen.clear();
+        let layer = p
+            .rows
+            .iter()
+            .filter_map(|r| next.get(r))
+            .max()
+            .copied()
+            .unwrap_or(0);
+        for r in &p.rows {
+            next.insert(*r, layer + 1);
         }
-        seen.extend(p.rows.iter().copied());
+        if layers.len() <= layer {
+            layers.resize_with(layer + 1, Vec::new);
+        }
         let same_shape = |g: &&mut Vec<usize>| match (&planned[g[0]].fast, bulk) {
             (Fast::Text { bulk: Some(b), .. }, Some(bulk)) => Arc::ptr_eq(b, bulk),
             _ => false,
         };
-        match run.iter_mut().find(same_shape) {
+        match layers[layer].iter_mut().find(same_shape) {
             Some(group) => group.push(i),
-            None => run.push(vec![i]),
+            None => layers[layer].push(vec![i]),
         }
     }
-    runs.extend((!run.is_empty()).then_some(run));
-    runs
+    done.append(&mut layers);
+    done
 }
 
-/// A row's identity in [`runs`]: its table and key values. A collision only ends a run early.
+/// A row's identity in [`layers`]: its table and key values. A collision only puts a change
+/// into a later layer than it needs.
 fn row_hash<'a>(quoted: &str, key: impl Iterator<Item = &'a Datum>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1239,7 +1252,7 @@ fn first_table(change: &Change) -> usize {
 mod tests {
     use super::*;
 
-    /// A planned change for [`runs`]: `shape` names its bulk statement (`None`: none), `rows`
+    /// A planned change for [`layers`]: `shape` names its bulk statement (`None`: none), `rows`
     /// the rows it touches; `truncate` makes it a TRUNCATE.
     fn change(shape: Option<&Arc<str>>, rows: &[u64], truncate: bool) -> Planned {
         let single: Arc<str> = Arc::from("single");
@@ -1261,31 +1274,32 @@ mod tests {
     }
 
     #[test]
-    fn runs_group_by_shape_and_end_where_a_row_comes_again() {
+    fn layers_keep_each_rows_changes_in_order_and_group_the_rest_by_shape() {
         let (ins, upd): (Arc<str>, Arc<str>) = (Arc::from("ins"), Arc::from("upd"));
         let planned = vec![
             change(Some(&upd), &[1], false),    // 0
             change(Some(&ins), &[2], false),    // 1
             change(Some(&upd), &[3], false),    // 2
-            change(Some(&ins), &[4], false),    // 3
+            change(Some(&upd), &[2], false),    // 3: row 2 again: layer 1
             change(None, &[5], false),          // 4: no bulk form, a group of its own
-            change(Some(&upd), &[2], false),    // 5: row 2 again: a new run
-            change(Some(&upd), &[6, 7], false), // 6: a key change touches two rows
-            change(Some(&ins), &[7], false),    // 7: row 7 again
-            change(None, &[], true),            // 8: TRUNCATE, alone
-            change(Some(&ins), &[1], false),    // 9
+            change(Some(&upd), &[2], false),    // 5: row 2 a third time: layer 2
+            change(Some(&upd), &[6, 1], false), // 6: a key change from row 1 to 6: layer 1
+            change(Some(&ins), &[6], false),    // 7: row 6 again: layer 2
+            change(Some(&ins), &[8], false),    // 8: layer 0, beside 1
+            change(None, &[], true),            // 9: TRUNCATE, after all of it
+            change(Some(&ins), &[1], false),    // 10: layering starts over
         ];
         assert_eq!(
-            runs(&planned),
+            layers(&planned),
             vec![
-                vec![vec![0, 2], vec![1, 3], vec![4]],
-                vec![vec![5, 6]],
-                vec![vec![7]],
-                vec![vec![8]],
+                vec![vec![0, 2], vec![1, 8], vec![4]],
+                vec![vec![3, 6]],
+                vec![vec![5], vec![7]],
                 vec![vec![9]],
+                vec![vec![10]],
             ]
         );
-        assert_eq!(runs(&[]), Vec::<Vec<Vec<usize>>>::new());
+        assert_eq!(layers(&[]), Vec::<Vec<Vec<usize>>>::new());
     }
 
     #[test]

@@ -31,11 +31,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const LINK_SILENCE: Duration = Duration::from_secs(30);
 /// Transactions waiting between the link reader and apply: enough to batch commits, few enough
 /// that a slow database pushes back on the sender through TCP.
-const QUEUE: usize = 1024;
+const QUEUE: usize = 4096;
 /// At most this many asynchronous commits before a synchronous one (and an ack).
-const MAX_UNSYNCED: usize = 512;
+const MAX_UNSYNCED: usize = 4096;
 /// Transactions sent to the database as one pipeline.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 1024;
 /// How long a new link waits for the origin's previous apply session to end.
 const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
 
