@@ -537,6 +537,45 @@ fn a_catch_up_in_bulk_keeps_every_type_and_the_order_of_each_rows_changes() {
     );
 }
 
+/// The fast path may apply changes to distinct rows out of the origin's order. A secondary
+/// unique constraint can make that order fail where the origin's succeeded: here row 1 gives up
+/// an e-mail address that row 2 then takes, and an earlier change to row 1 in the same
+/// transaction puts row 1's second change after row 2's. The attempt must then be rolled back
+/// and the batch applied in order by the full statements, with nothing lost and no conflict.
+#[test]
+fn a_unique_constraint_the_fast_order_violates_falls_back_to_the_origin_order() {
+    let mut c = TestCluster::prepare(2, ClusterOptions::default());
+    c.create_table(
+        "t",
+        "id int PRIMARY KEY, email text UNIQUE, n int, updated_at timestamptz NOT NULL DEFAULT now()",
+    );
+    c.start_pgmm();
+    c.exec(
+        0,
+        "INSERT INTO t (id, email, n) VALUES (1, 'x', 0), (2, 'z', 0)",
+    );
+    c.wait_converged("t", 2);
+    c.exec(
+        0,
+        "BEGIN; UPDATE t SET n = 1 WHERE id = 1; UPDATE t SET email = 'y' WHERE id = 1; \
+         UPDATE t SET email = 'x' WHERE id = 2; COMMIT",
+    );
+    c.wait_converged("t", 2);
+    assert_eq!(
+        c.scalar(
+            1,
+            "SELECT string_agg(id || '=' || email || '/' || n, ',' ORDER BY id) FROM t"
+        ),
+        "1=y/1,2=x/0"
+    );
+    assert_no_conflicts(&c);
+    assert_eq!(
+        metric(&c, 1, "pgmm_apply_batches_total{path=\"full\",peer=\"a\"}"),
+        1.0,
+        "the transaction should have needed the full statements"
+    );
+}
+
 #[test]
 fn a_wrong_secret_is_refused() {
     let c = cluster_with(
