@@ -228,9 +228,13 @@ impl Shipper {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         let result: Result<(), SendError> = async {
+            // Made once: a fresh one per pass through the select would register with the token
+            // anew every time.
+            let cancelled = shutdown.cancelled();
+            tokio::pin!(cancelled);
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => {
+                    _ = &mut cancelled => {
                         link.flush().await?;
                         send_status(&mut stream, &state, false).await?;
                         return Ok(());
@@ -247,47 +251,65 @@ impl Shipper {
                         }
                     }
                     data = stream.next() => {
-                        let data = data?.ok_or(SendError::StreamEnded)?;
-                        match pgoutput::decode_copy_data_bytes(data)? {
-                            ReplicationMessage::XLogData { data, .. } => 'message: {
-                                let Some(tx) = assembler.push(pgoutput::decode_bytes(data)?)? else {
-                                    break 'message;
-                                };
-                                if tx.origin.is_some() || tx.changes.is_empty() || tx.end_lsn <= resume {
-                                    state.skipped(tx.end_lsn);
-                                    break 'message;
+                        let mut data = data?.ok_or(SendError::StreamEnded)?;
+                        // Every message already read is handled here, in this one wakeup: a
+                        // transaction arrives as a burst of small messages (Begin, one per row,
+                        // Commit), and a pass through the select per message costs more than
+                        // decoding it. Frames are batched while the slot has more to give right
+                        // away and flushed once the burst is consumed (or every FLUSH_EVERY
+                        // transactions). Keepalives count as messages: the server often sends
+                        // one right behind a commit, and the transaction must not wait for it.
+                        loop {
+                            match pgoutput::decode_copy_data_bytes(data)? {
+                                ReplicationMessage::XLogData { data, .. } => 'message: {
+                                    // A peer's transaction is dropped whole: its row changes need
+                                    // not even be decoded (on PostgreSQL 15 every transaction
+                                    // applied here comes back through the slot).
+                                    if assembler.drops(&data) {
+                                        break 'message;
+                                    }
+                                    let Some(tx) = assembler.push(pgoutput::decode_bytes(data)?)? else {
+                                        break 'message;
+                                    };
+                                    if tx.origin.is_some() || tx.changes.is_empty() || tx.end_lsn <= resume {
+                                        state.skipped(tx.end_lsn);
+                                        break 'message;
+                                    }
+                                    let n = tx.changes.len() as u64;
+                                    if self.captured_upto.fetch_max(tx.end_lsn, Ordering::Relaxed) < tx.end_lsn {
+                                        self.metrics.changes_captured.inc_by(n);
+                                    }
+                                    link.queue(&Body::Transaction {
+                                        origin: self.identity.node.clone(),
+                                        commit_lsn: tx.commit_lsn,
+                                        end_lsn: tx.end_lsn,
+                                        commit_time: tx.commit_time,
+                                        changes: tx.changes,
+                                    })?;
+                                    state.shipped(tx.end_lsn, tx.commit_time);
+                                    shipped.inc_by(n);
+                                    unflushed += 1;
                                 }
-                                let n = tx.changes.len() as u64;
-                                if self.captured_upto.fetch_max(tx.end_lsn, Ordering::Relaxed) < tx.end_lsn {
-                                    self.metrics.changes_captured.inc_by(n);
+                                ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
+                                    if !assembler.in_transaction() {
+                                        state.idle_at(wal_end);
+                                    }
+                                    if reply_requested {
+                                        send_status(&mut stream, &state, false).await?;
+                                        last_status = Instant::now();
+                                    }
                                 }
-                                link.queue(&Body::Transaction {
-                                    origin: self.identity.node.clone(),
-                                    commit_lsn: tx.commit_lsn,
-                                    end_lsn: tx.end_lsn,
-                                    commit_time: tx.commit_time,
-                                    changes: tx.changes,
-                                })?;
-                                state.shipped(tx.end_lsn, tx.commit_time);
-                                shipped.inc_by(n);
-                                unflushed += 1;
                             }
-                            ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
-                                if !assembler.in_transaction() {
-                                    state.idle_at(wal_end);
-                                }
-                                if reply_requested {
-                                    send_status(&mut stream, &state, false).await?;
-                                    last_status = Instant::now();
-                                }
+                            if unflushed >= FLUSH_EVERY {
+                                link.flush().await?;
+                                unflushed = 0;
+                            }
+                            match stream.next_buffered()? {
+                                Some(more) => data = more,
+                                None => break,
                             }
                         }
-                        // Batch frames while the slot has more to give right away. Checked
-                        // after every message, keepalives included: the server often sends
-                        // one right behind a commit, and the transaction must not wait for it.
-                        if unflushed > 0
-                            && (!stream.has_buffered_message() || unflushed >= FLUSH_EVERY)
-                        {
+                        if unflushed > 0 {
                             link.flush().await?;
                             unflushed = 0;
                         }

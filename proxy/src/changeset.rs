@@ -184,6 +184,16 @@ impl Assembler {
         self.open.is_some()
     }
 
+    /// Whether [`Assembler::push`] would drop the pgoutput message `payload` unread: a row change,
+    /// truncate or logical message inside a transaction that came from a peer. The caller may
+    /// then skip decoding it (a malformed one is not noticed, as it is dropped anyway); the
+    /// outcome is the same as pushing it. Relation and Type messages are never dropped: the
+    /// session's later transactions refer to them.
+    pub fn drops(&self, payload: &[u8]) -> bool {
+        self.open.as_ref().is_some_and(|open| open.origin.is_some())
+            && matches!(payload.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
+    }
+
     /// Feeds one message; returns the transaction its Commit completes.
     pub fn push(&mut self, msg: Message) -> Result<Option<CapturedTx>, AssembleError> {
         match msg {
@@ -509,6 +519,32 @@ mod tests {
         let tx = a.push(commit(200)).unwrap().unwrap();
         assert_eq!(tx.origin.as_deref(), Some("pgmm_b"));
         assert!(tx.changes.is_empty());
+    }
+
+    #[test]
+    fn only_the_contents_of_a_peers_transaction_are_dropped_unread() {
+        let mut a = Assembler::new();
+        let change = [b'I', 0, 0, 0, 1];
+        assert!(
+            !a.drops(&change),
+            "outside a transaction: push reports the error"
+        );
+        a.push(begin(200)).unwrap();
+        assert!(!a.drops(&change), "a local transaction keeps its changes");
+        a.push(Message::Origin(Origin {
+            lsn: 5,
+            name: "pgmm_b".into(),
+        }))
+        .unwrap();
+        for tag in [b'I', b'U', b'D', b'T', b'M'] {
+            assert!(a.drops(&[tag, 0, 0, 0, 1]), "{}", char::from(tag));
+        }
+        for tag in [b'R', b'Y', b'C', b'B', b'O'] {
+            assert!(!a.drops(&[tag]), "{}", char::from(tag));
+        }
+        assert!(!a.drops(&[]));
+        a.push(commit(200)).unwrap().unwrap();
+        assert!(!a.drops(&change));
     }
 
     #[test]

@@ -222,9 +222,12 @@ impl Receiver {
             Duration::from_millis(self.replication.max_clock_skew_ms),
         );
         let reader = tokio::spawn(async move {
+            // Made once: a fresh one per frame would register with the token every time.
+            let cancelled = reader_token.cancelled();
+            tokio::pin!(cancelled);
             loop {
                 let next = tokio::select! {
-                    _ = reader_token.cancelled() => break,
+                    _ = &mut cancelled => break,
                     n = tokio::time::timeout(LINK_SILENCE, receiver.recv()) => n,
                 };
                 match next {

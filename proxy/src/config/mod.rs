@@ -285,10 +285,11 @@ impl ReplicationConfig {
     /// own bookkeeping is per node and must not be replicated.
     pub fn matches(&self, table: &TableName) -> bool {
         table.schema != validate::PGMM_SCHEMA
-            && self
-                .tables
-                .iter()
-                .any(|pattern| validate::parse_pattern(pattern).is_some_and(|p| p.matches(table)))
+            && self.tables.iter().any(|pattern| {
+                validate::plain_pattern_matches(pattern, table).unwrap_or_else(|| {
+                    validate::parse_pattern(pattern).is_some_and(|p| p.matches(table))
+                })
+            })
     }
 }
 

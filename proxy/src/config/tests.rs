@@ -464,6 +464,50 @@ fn replication_patterns_match_folded_names() {
 }
 
 #[test]
+fn the_plain_pattern_shortcut_agrees_with_the_parser() {
+    let patterns = [
+        "public.bench",
+        " public.bench ",
+        "sales.*",
+        "*.audit",
+        "*.*",
+        "Public.bench",
+        "public.\"Bench\"",
+        "\"a.b\".c",
+        "a.b.c",
+        "public.",
+        ".bench",
+        "bench",
+        "public.ben*",
+        "public. bench",
+        "s$1.t_2",
+        "ünï.côde",
+    ];
+    let tables = [
+        TableName::new("public", "bench"),
+        TableName::new("public", "Bench"),
+        TableName::new("sales", "orders"),
+        TableName::new("x", "audit"),
+        TableName::new("a.b", "c"),
+        TableName::new("s$1", "t_2"),
+        TableName::new("ünï", "côde"),
+    ];
+    for pattern in patterns {
+        for table in &tables {
+            let parsed = validate::parse_pattern(pattern).is_some_and(|p| p.matches(table));
+            if let Some(fast) = validate::plain_pattern_matches(pattern, table) {
+                assert_eq!(fast, parsed, "{pattern:?} against {table}");
+            }
+        }
+    }
+    assert_eq!(
+        validate::plain_pattern_matches("public.bench", &tables[0]),
+        Some(true),
+        "the usual pattern takes the shortcut"
+    );
+}
+
+#[test]
 fn postgres_url_is_checked_and_resolved() {
     let text = BASE.replace(
         "postgres://postgres@127.0.0.1:5432/postgres",

@@ -644,6 +644,26 @@ pub(super) fn parse_pattern(text: &str) -> Option<TablePattern> {
     })
 }
 
+/// [`parse_pattern`] and [`TablePattern::matches`] in one, without allocating, for the usual
+/// pattern of plain lower-case identifiers (`public.orders`, `sales.*`), which fold to
+/// themselves. The receiver checks every applied transaction's tables against the patterns,
+/// and parsing them each time allocated several strings per table. `None` when the pattern
+/// needs the full parser (quotes, upper case, anything else).
+pub(super) fn plain_pattern_matches(text: &str, table: &TableName) -> Option<bool> {
+    let plain = |part: &str| {
+        part == "*"
+            || (!part.is_empty()
+                && part.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'$'
+                }))
+    };
+    let (schema, name) = text.trim().split_once('.')?;
+    if !plain(schema) || !plain(name) {
+        return None;
+    }
+    Some((schema == "*" || schema == table.schema) && (name == "*" || name == table.name))
+}
+
 /// `Some(None)` for the wildcard. A `*` is only a wildcard on its own: `sales*` is rejected
 /// rather than silently taken as a literal name.
 fn pattern_part(part: &str) -> Option<Option<String>> {

@@ -14,12 +14,12 @@
 use std::fmt;
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::changeset::ChangeSet;
 
@@ -177,9 +177,12 @@ impl FrameError {
     }
 }
 
+/// Bytes of the big-endian length in front of every frame.
+const FRAME_HEADER_LEN: usize = 4;
+
 fn codec(max: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .length_field_length(4)
+        .length_field_length(FRAME_HEADER_LEN)
         .max_frame_length(max)
         .new_codec()
 }
@@ -349,18 +352,40 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Encodes `body` into the output buffer without writing it. An oversized message is
     /// refused here, with nothing queued, and the link stays usable.
+    ///
+    /// The envelope is serialized straight into the output buffer behind a placeholder header
+    /// that is filled in afterwards, the same bytes the codec would frame: a sender streaming
+    /// transactions pays no intermediate buffer (and its growth) and no copy per message.
     pub fn queue(&mut self, body: &Body) -> Result<(), FrameError> {
-        let payload = encode_envelope(body)?;
+        let start = self.buf.len();
+        self.buf.put_u32(0);
+        let envelope = EnvelopeRef {
+            version: WIRE_VERSION,
+            body,
+        };
+        let encoded = rmp_serde::encode::write_named(&mut (&mut self.buf).writer(), &envelope);
+        let len = self.buf.len() - start - FRAME_HEADER_LEN;
         let max = self.codec.max_frame_length();
-        if payload.len() > max {
-            return Err(FrameError::TooLarge {
-                len: Some(payload.len()),
-                max,
-            });
+        let header = match encoded {
+            Err(e) => Err(FrameError::Encode(e.to_string())),
+            Ok(()) => u32::try_from(len)
+                .ok()
+                .filter(|_| len <= max)
+                .ok_or(FrameError::TooLarge {
+                    len: Some(len),
+                    max,
+                }),
+        };
+        match header {
+            Ok(header) => {
+                self.buf[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.to_be_bytes());
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                Err(e)
+            }
         }
-        self.codec
-            .encode(payload.as_slice(), &mut self.buf)
-            .map_err(FrameError::Io)
     }
 
     /// Writes everything queued. Not cancel-safe: a cancelled flush leaves a partial frame on

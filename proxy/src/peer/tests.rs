@@ -650,6 +650,28 @@ async fn oversized_frames_are_rejected_cleanly() {
     );
 }
 
+#[tokio::test]
+async fn queued_frames_are_the_length_delimited_envelopes() {
+    // The writer serializes in place; the wire must stay "4-byte big-endian length, then the
+    // envelope", also around a refused message.
+    let (near, mut far) = tokio::io::duplex(64 * 1024);
+    let mut writer = FrameWriter::new(near, 1024);
+    let sent = [Body::Ack { applied_lsn: 7 }, transaction(100)];
+    writer.queue(&sent[0]).unwrap();
+    assert!(writer.queue(&transaction(2048)).is_err());
+    writer.queue(&sent[1]).unwrap();
+    writer.shutdown().await.unwrap();
+    let mut wire = Vec::new();
+    far.read_to_end(&mut wire).await.unwrap();
+    let mut expected = Vec::new();
+    for body in &sent {
+        let payload = encode_envelope(body).unwrap();
+        expected.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        expected.extend_from_slice(&payload);
+    }
+    assert_eq!(wire, expected);
+}
+
 /// What a newer pgmm might send: a message kind we do not know, and a known one with an
 /// added field.
 #[derive(Serialize)]

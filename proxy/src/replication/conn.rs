@@ -517,29 +517,60 @@ impl ReplicationStream {
     /// `tokio::select!` without losing data.
     pub async fn next(&mut self) -> Result<Option<Bytes>, ReplicationError> {
         while !self.ended {
-            match self.framed.recv().await {
-                Ok(Some(Backend::Message(Message::CopyData(body)))) => {
-                    return Ok(Some(body.into_bytes()))
-                }
-                Ok(Some(Backend::Message(
-                    Message::NoticeResponse(_) | Message::ParameterStatus(_),
-                ))) => {}
-                Ok(None | Some(Backend::Message(Message::CopyDone))) => self.ended = true,
-                Ok(Some(Backend::Message(Message::ErrorResponse(body)))) => {
-                    self.ended = true;
-                    return Err(server_error(body.fields()));
-                }
-                Ok(Some(other)) => {
-                    self.ended = true;
-                    return Err(unexpected(&other, "in the replication stream"));
-                }
-                Err(e) => {
-                    self.ended = true;
-                    return Err(e);
-                }
+            let message = self.framed.recv().await;
+            if let Some(payload) = self.payload(message)? {
+                return Ok(Some(payload));
             }
         }
         Ok(None)
+    }
+
+    /// Like [`next`](Self::next), but only from what is already buffered: never reads, never
+    /// waits. `None` when no whole CopyData is buffered (or the stream has ended; `next` then
+    /// says which). Lets a caller work through a burst of messages in one wakeup, without a
+    /// round through its `select!` per message, and flush its own output once the burst is
+    /// consumed.
+    pub fn next_buffered(&mut self) -> Result<Option<Bytes>, ReplicationError> {
+        while !self.ended {
+            let message = match self.framed.try_parse() {
+                Ok(None) => return Ok(None),
+                parsed => parsed,
+            };
+            if let Some(payload) = self.payload(message)? {
+                return Ok(Some(payload));
+            }
+        }
+        Ok(None)
+    }
+
+    /// What one received message means: a CopyData payload, `None` for a message to skip or the
+    /// end of the copy, or the error that ends the stream.
+    fn payload(
+        &mut self,
+        message: Result<Option<Backend>, ReplicationError>,
+    ) -> Result<Option<Bytes>, ReplicationError> {
+        match message {
+            Ok(Some(Backend::Message(Message::CopyData(body)))) => Ok(Some(body.into_bytes())),
+            Ok(Some(Backend::Message(
+                Message::NoticeResponse(_) | Message::ParameterStatus(_),
+            ))) => Ok(None),
+            Ok(None | Some(Backend::Message(Message::CopyDone))) => {
+                self.ended = true;
+                Ok(None)
+            }
+            Ok(Some(Backend::Message(Message::ErrorResponse(body)))) => {
+                self.ended = true;
+                Err(server_error(body.fields()))
+            }
+            Ok(Some(other)) => {
+                self.ended = true;
+                Err(unexpected(&other, "in the replication stream"))
+            }
+            Err(e) => {
+                self.ended = true;
+                Err(e)
+            }
+        }
     }
 
     /// Whether a whole message is already buffered, so that [`next`](Self::next) will not wait.
@@ -838,6 +869,27 @@ mod tests {
         assert!(stream.next().await.unwrap().is_none());
         assert!(stream.next().await.unwrap().is_none(), "stays ended");
         drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn next_buffered_takes_only_whole_buffered_payloads() {
+        let mut bytes = msg(b'd', b"w-one");
+        bytes.extend(msg(b'N', b"SNOTICE\0C00000\0Mhello\0\0"));
+        bytes.extend(msg(b'd', b"w-two"));
+        bytes.extend(&msg(b'd', b"w-partial")[..4]);
+        let mut stream = stream_then_hang_up(bytes).await;
+        assert_eq!(stream.next().await.unwrap().unwrap(), &b"w-one"[..]);
+        assert_eq!(stream.next_buffered().unwrap().unwrap(), &b"w-two"[..]);
+        assert_eq!(
+            stream.next_buffered().unwrap(),
+            None,
+            "a partial message waits"
+        );
+        assert!(
+            stream.next().await.is_err(),
+            "and is cut off by the hang-up"
+        );
+        assert_eq!(stream.next_buffered().unwrap(), None, "ended");
     }
 
     #[tokio::test]
