@@ -23,6 +23,7 @@ mod receiver;
 pub mod sql;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -252,6 +253,8 @@ pub struct Applier {
     statements: HashMap<String, Statement>,
     texts: Texts,
     types: HashMap<TableName, Arc<ColumnTypes>>,
+    /// Tables checked by `check_tables`, by schema and name.
+    known: HashMap<String, HashMap<String, Known>>,
     origins: sql::Origins,
     begin: Statement,
     setup: Statement,
@@ -341,6 +344,7 @@ impl Applier {
         let mut applier = Applier {
             texts: Texts::default(),
             types: HashMap::new(),
+            known: HashMap::new(),
             origins,
             origin_node: origin_node.to_owned(),
             here: here.to_owned(),
@@ -410,6 +414,7 @@ impl Applier {
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 self.statements.clear();
                 self.types.clear();
+                self.known.clear();
                 self.texts
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -430,14 +435,14 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         // Plan everything first (preparing new statements), then send it all at once.
         let mut steps: Vec<(Statement, Vec<PgText>, Step)> = Vec::new();
-        let mut table_names: Vec<Vec<TableName>> = Vec::with_capacity(txs.len());
+        let mut table_names: Vec<Vec<Arc<TableName>>> = Vec::with_capacity(txs.len());
         let mut tx_tables = Vec::with_capacity(txs.len());
         for tx in txs {
             let tables = self.check_tables(&tx.changes)?;
             for (name, quoted) in &tables {
                 if !self.types.contains_key(name) {
                     let types = self.column_types(quoted).await?;
-                    self.types.insert(name.clone(), Arc::new(types));
+                    self.types.insert(TableName::clone(name), Arc::new(types));
                 }
             }
             tx_tables.push(tables);
@@ -455,6 +460,7 @@ impl Applier {
             origins: &origins,
             texts: &self.texts,
             types: &self.types,
+            shape: std::sync::Mutex::new(String::new()),
         };
         // The whole batch is one local transaction, recorded as the last remote one's: the
         // origin's progress jumps to its end in the same commit as all the batch's data.
@@ -550,7 +556,7 @@ impl Applier {
                     if failure.is_none() {
                         failure = Some(match step {
                             Step::Change { table, what, tx } => ApplyError::Statement {
-                                table: table_names[*tx][*table].clone(),
+                                table: TableName::clone(&table_names[*tx][*table]),
                                 what,
                                 source,
                             },
@@ -677,21 +683,35 @@ impl Applier {
             .collect())
     }
 
-    /// Each table's name and quoted name, after checking it replicates here.
-    fn check_tables(&self, set: &ChangeSet) -> Result<Vec<(TableName, String)>, ApplyError> {
+    /// Each table's name and quoted name, after checking it replicates here. Every
+    /// transaction describes its tables anew, so the names of tables seen before are looked up
+    /// without building them again.
+    fn check_tables(&mut self, set: &ChangeSet) -> Result<Vec<Known>, ApplyError> {
         set.tables
             .iter()
             .map(|t| {
+                if t.key.is_empty() || t.key.iter().any(|&k| k >= t.columns.len()) {
+                    return Err(ApplyError::Malformed(format!(
+                        "{} arrived without a valid key",
+                        t.table_name()
+                    )));
+                }
+                if let Some(known) = self.known.get(&t.schema).and_then(|m| m.get(&t.name)) {
+                    return Ok(known.clone());
+                }
                 let name = t.table_name();
                 if !self.replication.matches(&name) {
                     return Err(ApplyError::NotReplicated { table: name });
                 }
-                if t.key.is_empty() || t.key.iter().any(|&k| k >= t.columns.len()) {
-                    return Err(ApplyError::Malformed(format!(
-                        "{name} arrived without a valid key"
-                    )));
-                }
-                Ok((name, sql::qualified(&t.schema, &t.name)))
+                let known: Known = (
+                    Arc::new(name),
+                    Arc::from(sql::qualified(&t.schema, &t.name)),
+                );
+                self.known
+                    .entry(t.schema.clone())
+                    .or_default()
+                    .insert(t.name.clone(), known.clone());
+                Ok(known)
             })
             .collect()
     }
@@ -756,7 +776,7 @@ struct Planned {
     params: Vec<PgText>,
     step: Step,
     /// The table it is reported under (a TRUNCATE's first).
-    table: TableName,
+    table: Arc<TableName>,
     /// The rows it changes, as hashes of (table, key values): see [`layers`].
     rows: Vec<u64>,
 }
@@ -823,6 +843,21 @@ fn row_hash<'a>(quoted: &str, key: impl Iterator<Item = &'a Datum>) -> u64 {
     h.finish()
 }
 
+/// Appends `op`, the quoted table and the names to a shape key, the names each followed by
+/// U+001F, a control character no real identifier holds.
+fn shape_key(key: &mut String, op: char, quoted: &str, names: &[&str]) {
+    key.push(op);
+    key.push_str(quoted);
+    for n in names {
+        key.push('\u{1f}');
+        key.push_str(n);
+    }
+    key.push('\u{1f}');
+}
+
+/// A replicated table's name and quoted name (see `Applier::check_tables`).
+type Known = (Arc<TableName>, Arc<str>);
+
 /// A table's local column types, by column name (see `Applier::column_types`).
 type ColumnTypes = HashMap<String, String>;
 
@@ -835,6 +870,8 @@ struct Planner<'a> {
     origins: &'a sql::Origins,
     texts: &'a Texts,
     types: &'a HashMap<TableName, Arc<ColumnTypes>>,
+    /// The buffer shape keys are written into (see [`Planner::texts`]).
+    shape: std::sync::Mutex<String>,
 }
 
 /// Statement texts by the shape of the change, so that the texts of a shape seen before are not
@@ -851,27 +888,37 @@ struct Shape {
 }
 
 impl Planner<'_> {
-    /// The texts of `shape`, built by `build` the first time: (full, fast single, fast bulk).
+    /// The texts of the shape that `key` writes, built by `build` the first time: (full, fast
+    /// single, fast bulk). The key is written into a reused buffer, so a shape seen before costs
+    /// no allocation.
     fn texts(
         &self,
-        shape: String,
+        key: impl FnOnce(&mut String),
         build: impl FnOnce() -> (String, String, Option<String>),
     ) -> (Arc<str>, Fast) {
+        let mut buf = self
+            .shape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        buf.clear();
+        key(&mut buf);
         let mut texts = self
             .texts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let shape = texts.entry(shape).or_insert_with(|| {
-            let (slow, single, bulk) = build();
-            Shape {
-                slow: Arc::from(slow),
-                fast: Fast::Text {
-                    single: Arc::from(single),
-                    bulk: bulk.map(Arc::from),
-                },
-            }
-        });
-        (shape.slow.clone(), shape.fast.clone())
+        if let Some(shape) = texts.get(buf.as_str()) {
+            return (shape.slow.clone(), shape.fast.clone());
+        }
+        let (slow, single, bulk) = build();
+        let shape = Shape {
+            slow: Arc::from(slow),
+            fast: Fast::Text {
+                single: Arc::from(single),
+                bulk: bulk.map(Arc::from),
+            },
+        };
+        texts.insert(buf.clone(), shape.clone());
+        (shape.slow, shape.fast)
     }
 
     /// The local types of `columns` of `table`, if all are known.
@@ -922,7 +969,7 @@ impl Planner<'_> {
     fn plan(
         &self,
         set: &ChangeSet,
-        tables: &[(TableName, String)],
+        tables: &[Known],
         change: &Change,
         commit_time: i64,
         tx: usize,
@@ -954,7 +1001,7 @@ impl Planner<'_> {
     fn plan_change(
         &self,
         set: &ChangeSet,
-        tables: &[(TableName, String)],
+        tables: &[Known],
         change: &Change,
         commit_time: i64,
         tx: usize,
@@ -975,11 +1022,10 @@ impl Planner<'_> {
                 }
                 let u = self.conflict_position(desc, name)?;
                 let params = new.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-                let shape = format!(
-                    "I\u{1f}{quoted}\u{1f}{}\u{1f}{:?}",
-                    columns.join("\u{1f}"),
-                    desc.key
-                );
+                let shape = |k: &mut String| {
+                    shape_key(k, 'I', quoted, &columns);
+                    let _ = write!(k, "{:?}", desc.key);
+                };
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
@@ -1051,11 +1097,10 @@ impl Planner<'_> {
                 params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
                 // A missing row can only be inserted when the change carries all of it.
                 let whole = set_columns.len() == desc.columns.len();
-                let shape = format!(
-                    "U\u{1f}{quoted}\u{1f}{}\u{1f}{}",
-                    set_columns.join("\u{1f}"),
-                    key.join("\u{1f}")
-                );
+                let shape = |k: &mut String| {
+                    shape_key(k, 'U', quoted, &set_columns);
+                    shape_key(k, 'K', "", &key);
+                };
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
@@ -1100,7 +1145,7 @@ impl Planner<'_> {
                 // stamp: its transaction's commit time is the best there is.
                 params.push(literal(deleted_at.unwrap_or(commit_time).to_string()));
                 params.push(PgText(old_stamp.map(|s| Bytes::from(s.to_string()))));
-                let shape = format!("D\u{1f}{quoted}\u{1f}{}", columns.join("\u{1f}"));
+                let shape = |k: &mut String| shape_key(k, 'D', quoted, &columns);
                 let (text, fast) = self.texts(shape, || {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
@@ -1218,7 +1263,7 @@ fn key_columns(desc: &TableDesc) -> Vec<&str> {
 
 fn table_at<'a>(
     set: &'a ChangeSet,
-    tables: &'a [(TableName, String)],
+    tables: &'a [Known],
     index: u32,
 ) -> Result<(&'a TableDesc, &'a str, &'a TableName), ApplyError> {
     let i = index as usize;
@@ -1268,7 +1313,7 @@ mod tests {
             },
             params: Vec::new(),
             step: Step::Begin,
-            table: TableName::new("public", "t"),
+            table: Arc::new(TableName::new("public", "t")),
             rows: rows.to_vec(),
         }
     }
