@@ -252,7 +252,6 @@ pub struct Applier {
     metrics: ReplicationMetrics,
     statements: HashMap<String, Statement>,
     texts: Texts,
-    types: HashMap<TableName, Arc<ColumnTypes>>,
     /// Tables checked by `check_tables`, by schema and name.
     known: HashMap<String, HashMap<String, Known>>,
     origins: sql::Origins,
@@ -343,7 +342,6 @@ impl Applier {
         );
         let mut applier = Applier {
             texts: Texts::default(),
-            types: HashMap::new(),
             known: HashMap::new(),
             origins,
             origin_node: origin_node.to_owned(),
@@ -413,7 +411,6 @@ impl Applier {
                 // the database, which knows exactly what committed.
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 self.statements.clear();
-                self.types.clear();
                 self.known.clear();
                 self.texts
                     .lock()
@@ -438,14 +435,7 @@ impl Applier {
         let mut table_names: Vec<Vec<Arc<TableName>>> = Vec::with_capacity(txs.len());
         let mut tx_tables = Vec::with_capacity(txs.len());
         for tx in txs {
-            let tables = self.check_tables(&tx.changes)?;
-            for (name, quoted) in &tables {
-                if !self.types.contains_key(name) {
-                    let types = self.column_types(quoted).await?;
-                    self.types.insert(TableName::clone(name), Arc::new(types));
-                }
-            }
-            tx_tables.push(tables);
+            tx_tables.push(self.check_tables(&tx.changes).await?);
         }
         let mut prev = self.progress;
         let rules = self.rules.clone();
@@ -459,7 +449,6 @@ impl Applier {
             rules: &rules,
             origins: &origins,
             texts: &self.texts,
-            types: &self.types,
             shape: std::sync::Mutex::new(String::new()),
         };
         // The whole batch is one local transaction, recorded as the last remote one's: the
@@ -475,7 +464,7 @@ impl Applier {
             for change in &tx.changes.changes {
                 planned.push(planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?);
             }
-            table_names.push(tables.into_iter().map(|(n, _)| n).collect());
+            table_names.push(tables.into_iter().map(|k| k.name).collect());
             prev = tx.end_lsn;
         }
         // Conflicts are rare: first try every change's fast path, which only applies changes
@@ -683,37 +672,39 @@ impl Applier {
             .collect())
     }
 
-    /// Each table's name and quoted name, after checking it replicates here. Every
-    /// transaction describes its tables anew, so the names of tables seen before are looked up
-    /// without building them again.
-    fn check_tables(&mut self, set: &ChangeSet) -> Result<Vec<Known>, ApplyError> {
-        set.tables
-            .iter()
-            .map(|t| {
-                if t.key.is_empty() || t.key.iter().any(|&k| k >= t.columns.len()) {
-                    return Err(ApplyError::Malformed(format!(
-                        "{} arrived without a valid key",
-                        t.table_name()
-                    )));
-                }
-                if let Some(known) = self.known.get(&t.schema).and_then(|m| m.get(&t.name)) {
-                    return Ok(known.clone());
-                }
-                let name = t.table_name();
-                if !self.replication.matches(&name) {
-                    return Err(ApplyError::NotReplicated { table: name });
-                }
-                let known: Known = (
-                    Arc::new(name),
-                    Arc::from(sql::qualified(&t.schema, &t.name)),
-                );
-                self.known
-                    .entry(t.schema.clone())
-                    .or_default()
-                    .insert(t.name.clone(), known.clone());
-                Ok(known)
-            })
-            .collect()
+    /// Each table's name, quoted name and local column types, after checking it replicates
+    /// here. Every transaction describes its tables anew, so tables seen before are looked up
+    /// without building their names again or reading their types.
+    async fn check_tables(&mut self, set: &ChangeSet) -> Result<Vec<Known>, ApplyError> {
+        let mut tables = Vec::with_capacity(set.tables.len());
+        for t in &set.tables {
+            if t.key.is_empty() || t.key.iter().any(|&k| k >= t.columns.len()) {
+                return Err(ApplyError::Malformed(format!(
+                    "{} arrived without a valid key",
+                    t.table_name()
+                )));
+            }
+            if let Some(known) = self.known.get(&t.schema).and_then(|m| m.get(&t.name)) {
+                tables.push(known.clone());
+                continue;
+            }
+            let name = t.table_name();
+            if !self.replication.matches(&name) {
+                return Err(ApplyError::NotReplicated { table: name });
+            }
+            let quoted = sql::qualified(&t.schema, &t.name);
+            let known = Known {
+                types: Arc::new(self.column_types(&quoted).await?),
+                name: Arc::new(name),
+                quoted: Arc::from(quoted),
+            };
+            self.known
+                .entry(t.schema.clone())
+                .or_default()
+                .insert(t.name.clone(), known.clone());
+            tables.push(known);
+        }
+        Ok(tables)
     }
 
     async fn prepared(
@@ -855,8 +846,13 @@ fn shape_key(key: &mut String, op: char, quoted: &str, names: &[&str]) {
     key.push('\u{1f}');
 }
 
-/// A replicated table's name and quoted name (see `Applier::check_tables`).
-type Known = (Arc<TableName>, Arc<str>);
+/// A replicated table as apply knows it (see `Applier::check_tables`).
+#[derive(Clone)]
+struct Known {
+    name: Arc<TableName>,
+    quoted: Arc<str>,
+    types: Arc<ColumnTypes>,
+}
 
 /// A table's local column types, by column name (see `Applier::column_types`).
 type ColumnTypes = HashMap<String, String>;
@@ -869,7 +865,6 @@ struct Planner<'a> {
     rules: &'a OwnerRules,
     origins: &'a sql::Origins,
     texts: &'a Texts,
-    types: &'a HashMap<TableName, Arc<ColumnTypes>>,
     /// The buffer shape keys are written into (see [`Planner::texts`]).
     shape: std::sync::Mutex<String>,
 }
@@ -921,9 +916,8 @@ impl Planner<'_> {
         (shape.slow, shape.fast)
     }
 
-    /// The local types of `columns` of `table`, if all are known.
-    fn column_types(&self, table: &TableName, columns: &[&str]) -> Option<Vec<&str>> {
-        let types = self.types.get(table)?;
+    /// The local types of `columns`, if all are known.
+    fn column_types<'t>(&self, types: &'t ColumnTypes, columns: &[&str]) -> Option<Vec<&'t str>> {
         columns
             .iter()
             .map(|c| types.get(*c).map(String::as_str))
@@ -976,7 +970,7 @@ impl Planner<'_> {
     ) -> Result<Planned, ApplyError> {
         let (slow, fast, params, step) = self.plan_change(set, tables, change, commit_time, tx)?;
         // plan_change has checked that the change's tables are described, and its widths.
-        let (name, quoted) = &tables[first_table(change)];
+        let Known { name, quoted, .. } = &tables[first_table(change)];
         let desc = &set.tables[first_table(change)];
         let rows = match change {
             Change::Insert { new, .. } => vec![row_hash(quoted, desc.key.iter().map(|&k| &new[k]))],
@@ -1008,7 +1002,7 @@ impl Planner<'_> {
     ) -> Result<(Arc<str>, Fast, Vec<PgText>, Step), ApplyError> {
         match change {
             Change::Insert { table, new } => {
-                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                let (desc, quoted, name, types) = table_at(set, tables, *table)?;
                 check_width(desc, new.len())?;
                 let columns: Vec<&str> = desc.columns.iter().map(String::as_str).collect();
                 let step = Step::Change {
@@ -1030,7 +1024,7 @@ impl Planner<'_> {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
                     let bulk = self
-                        .column_types(name, &columns)
+                        .column_types(types, &columns)
                         .map(|types| lww.insert_bulk(&columns, &desc.key, u, &types));
                     (
                         lww.insert(&columns, &desc.key, u),
@@ -1046,7 +1040,7 @@ impl Planner<'_> {
                 new,
                 old_stamp,
             } => {
-                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                let (desc, quoted, name, types) = table_at(set, tables, *table)?;
                 check_width(desc, new.len())?;
                 let step = Step::Change {
                     table: *table as usize,
@@ -1106,7 +1100,7 @@ impl Planner<'_> {
                     let lww = self.lww(quoted, &label, name);
                     let typed: Vec<&str> = set_columns.iter().chain(&key).copied().collect();
                     let bulk = self
-                        .column_types(name, &typed)
+                        .column_types(types, &typed)
                         .map(|types| lww.update_bulk(&set_columns, &key, &types));
                     (
                         lww.update(&set_columns, &key, u, whole),
@@ -1122,7 +1116,7 @@ impl Planner<'_> {
                 deleted_at,
                 old_stamp,
             } => {
-                let (desc, quoted, name) = table_at(set, tables, *table)?;
+                let (desc, quoted, name, types) = table_at(set, tables, *table)?;
                 let columns = key_columns(desc);
                 if key.len() != columns.len() {
                     return Err(ApplyError::Malformed(format!(
@@ -1150,7 +1144,7 @@ impl Planner<'_> {
                     let label = name.to_string();
                     let lww = self.lww(quoted, &label, name);
                     let bulk = self
-                        .column_types(name, &columns)
+                        .column_types(types, &columns)
                         .map(|types| lww.delete_bulk(&columns, &types));
                     (lww.delete(&columns), lww.delete_fast(&columns), bulk)
                 });
@@ -1171,7 +1165,7 @@ impl Planner<'_> {
                 };
                 let mut names = Vec::with_capacity(which.len());
                 for t in which {
-                    let (_, quoted, name) = table_at(set, tables, *t)?;
+                    let (_, quoted, name, _) = table_at(set, tables, *t)?;
                     // Only a table's owner may truncate it; a row-owned table holds other
                     // nodes' rows, so nobody may.
                     let allowed = match self.rules.rule(name) {
@@ -1265,10 +1259,10 @@ fn table_at<'a>(
     set: &'a ChangeSet,
     tables: &'a [Known],
     index: u32,
-) -> Result<(&'a TableDesc, &'a str, &'a TableName), ApplyError> {
+) -> Result<(&'a TableDesc, &'a str, &'a TableName, &'a ColumnTypes), ApplyError> {
     let i = index as usize;
     match (set.tables.get(i), tables.get(i)) {
-        (Some(desc), Some((name, quoted))) => Ok((desc, quoted, name)),
+        (Some(desc), Some(k)) => Ok((desc, &k.quoted, &k.name, &k.types)),
         _ => Err(ApplyError::Malformed(format!(
             "a change refers to table #{index}, which the change set does not describe"
         ))),

@@ -248,11 +248,7 @@ impl Lww<'_> {
              ON CONFLICT DO NOTHING RETURNING 1), {upd}, {log}",
             d = self.decide_write(u + 1, None, "insert", false),
             table = self.table,
-            cols = columns
-                .iter()
-                .map(|c| escape_identifier(c))
-                .collect::<Vec<_>>()
-                .join(", "),
+            cols = column_list(columns),
             values = values.join(", "),
         )
     }
@@ -282,10 +278,7 @@ impl Lww<'_> {
                 ", ins AS (INSERT INTO {} ({}) SELECT {} FROM d WHERE d.action = 'insert' \
                  ON CONFLICT DO NOTHING RETURNING 1)",
                 self.table,
-                set.iter()
-                    .map(|c| escape_identifier(c))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                column_list(set),
                 values.join(", ")
             )
         } else {
@@ -394,11 +387,7 @@ impl Lww<'_> {
             "WITH ins AS (INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING 1) \
              {} WHERE NOT {}",
             self.table,
-            columns
-                .iter()
-                .map(|c| escape_identifier(c))
-                .collect::<Vec<_>>()
-                .join(", "),
+            column_list(columns),
             values.join(", "),
             all_applied("ins", "1"),
             self.held_by_tombstone(&Self::key_json(&key_params), &format!("${}", u + 1)),
@@ -466,11 +455,7 @@ impl Lww<'_> {
             "WITH ins AS (INSERT INTO {} ({}) SELECT {} FROM {} WHERE NOT {} \
              ON CONFLICT DO NOTHING RETURNING 1) {}",
             self.table,
-            columns
-                .iter()
-                .map(|c| escape_identifier(c))
-                .collect::<Vec<_>>()
-                .join(", "),
+            column_list(columns),
             casts(types, 1),
             rows_from(columns.len()),
             self.held_by_tombstone(&key_json, &cast(u + 1, types[u])),
@@ -486,19 +471,8 @@ impl Lww<'_> {
         list(&mut sql, set, |sql, c, i| {
             let _ = write!(sql, "{} = {}", escape_identifier(c), cast(i + 1, types[i]));
         });
-        let _ = write!(sql, " FROM {} WHERE ", rows_from(set.len() + key.len() + 1));
-        for (j, c) in key.iter().enumerate() {
-            if j > 0 {
-                sql.push_str(" AND ");
-            }
-            let p = set.len() + j + 1;
-            let _ = write!(
-                sql,
-                "l.{} = {}",
-                escape_identifier(c),
-                cast(p, types[p - 1])
-            );
-        }
+        let _ = write!(sql, " FROM {}", rows_from(set.len() + key.len() + 1));
+        where_key_casts(&mut sql, key, set.len() + 1, &types[set.len()..]);
         sql.push_str(&self.fast_condition(Some(&format!("v.p{}", set.len() + key.len() + 1))));
         let _ = write!(sql, " RETURNING 1) {}", all_applied("upd", BULK_ROWS));
         sql
@@ -508,21 +482,11 @@ impl Lww<'_> {
     /// are the key columns'.
     pub fn delete_bulk(&self, key: &[&str], types: &[&str]) -> String {
         let mut sql = format!(
-            "WITH del AS (DELETE FROM {} AS l USING {} WHERE ",
+            "WITH del AS (DELETE FROM {} AS l USING {}",
             self.table,
             rows_from(key.len() + 2)
         );
-        for (j, c) in key.iter().enumerate() {
-            if j > 0 {
-                sql.push_str(" AND ");
-            }
-            let _ = write!(
-                sql,
-                "l.{} = {}",
-                escape_identifier(c),
-                cast(j + 1, types[j])
-            );
-        }
+        where_key_casts(&mut sql, key, 1, types);
         sql.push_str(&self.fast_condition(Some(&format!("v.p{}", key.len() + 2))));
         let key_json = json_array(
             key.iter()
@@ -580,6 +544,15 @@ fn all_applied(cte: &str, expected: &str) -> String {
 
 /// The number of changes of a bulk statement: the length of its arrays.
 const BULK_ROWS: &str = "pg_catalog.cardinality($1::text[])";
+
+/// `"a", "b"`: the column names, quoted.
+fn column_list(columns: &[&str]) -> String {
+    columns
+        .iter()
+        .map(|c| escape_identifier(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// How a tombstone upsert keeps the newer of two tombstones of a key.
 const TOMBSTONE_UPSERT: &str = "ON CONFLICT (table_name, key) DO UPDATE \
@@ -654,6 +627,18 @@ fn json_object(columns: &[&str], params: &[usize]) -> String {
         .map(|chunk| format!("jsonb_build_object({})", chunk.join(", ")))
         .collect::<Vec<_>>()
         .join(" || ")
+}
+
+/// ` WHERE l."k1" = CAST(v.p<first> AS <type>) AND ...`: the key columns matched against the
+/// bulk rows `v`, from column `first` on.
+fn where_key_casts(sql: &mut String, key: &[&str], first: usize, types: &[&str]) {
+    sql.push_str(" WHERE ");
+    for (j, (c, ty)) in key.iter().zip(types).enumerate() {
+        if j > 0 {
+            sql.push_str(" AND ");
+        }
+        let _ = write!(sql, "l.{} = {}", escape_identifier(c), cast(first + j, ty));
+    }
 }
 
 /// ` WHERE alias."k1" = $p1 AND ...` for key columns and their parameter numbers.
