@@ -175,6 +175,60 @@ fn conflicting_writes_during_a_partition_resolve_by_last_writer_wins_everywhere(
     }
 }
 
+/// The reproduction of a data loss on PostgreSQL 16+: a batch that mixes conflict-free changes
+/// with conflicting ones misses on the fast path and is rolled back, which on 16+ advanced the
+/// replication origin past it; progress kept there then refused the batch for good, and
+/// neither side's new rows ever reached the other. Progress kept in `pgmm.applied` commits and
+/// aborts with the data.
+#[test]
+fn a_batch_of_new_rows_and_conflicting_updates_is_applied_after_its_fast_attempt_rolls_back() {
+    let _heavy = heavy_lock();
+    let mut c = cluster_with(2, ClusterOptions::default(), &[("t", COLUMNS)]);
+    let a = c.front_door(0);
+    a.exec("INSERT INTO t (id, v) SELECT g, 'base' FROM generate_series(1, 40) g");
+    c.wait_converged("t", 40);
+
+    c.pgmm_mut(1).kill();
+    for i in 1..=40 {
+        c.exec(
+            1,
+            &format!(
+                "BEGIN; INSERT INTO t (id, v) VALUES ({}, 'new from b'); \
+                 UPDATE t SET v = 'b' WHERE id = {i}; COMMIT",
+                1000 + i
+            ),
+        );
+    }
+    // a's updates come after b's, so they win everywhere.
+    a.exec("UPDATE t SET v = 'a' WHERE id <= 40");
+    c.pgmm_mut(1).restart();
+
+    let expected = "40 a, 40 new from b";
+    c.wait_all(
+        "every row on both nodes",
+        "SELECT string_agg(n || ' ' || v, ', ' ORDER BY v) FROM \
+         (SELECT v, count(*) n FROM t GROUP BY v) s",
+        expected,
+    );
+    c.wait_converged("t", 80);
+    for i in 0..2 {
+        // The progress record and the replication origin agree once apply is idle.
+        let peer = c.name(1 - i).to_owned();
+        c.wait_nodes(
+            "the origin's progress at the progress record",
+            &[i],
+            &format!(
+                "SELECT (end_lsn = coalesce(pg_replication_origin_progress('pgmm_{peer}', false), \
+                 '0/0'))::text FROM pgmm.applied WHERE origin = '{peer}'"
+            ),
+            "true",
+        );
+    }
+    // Each of a's updates conflicted with b's on both sides, and nothing else did.
+    assert_eq!(conflicts_counted(&c, 0), 40.0, "conflicts on a");
+    assert_eq!(conflicts_counted(&c, 1), 40.0, "conflicts on b");
+}
+
 #[test]
 fn sequential_writes_through_different_nodes_are_not_conflicts() {
     let c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);

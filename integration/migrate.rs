@@ -88,7 +88,10 @@ async fn migrate_creates_the_schema_once() {
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'pgmm' ORDER BY 1",
     )
     .await;
-    assert_eq!(tables, ["conflicts", "schema_version", "tombstones"]);
+    assert_eq!(
+        tables,
+        ["applied", "conflicts", "schema_version", "tombstones"]
+    );
     let conflict_columns = strings(
         &client,
         "SELECT attname || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute \

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "lww",
         sql: include_str!("../../migrations/0002_lww.sql"),
     },
+    Migration {
+        version: 3,
+        name: "applied",
+        sql: include_str!("../../migrations/0003_applied.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to, and the newest it accepts.

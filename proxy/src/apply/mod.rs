@@ -5,18 +5,29 @@
 //! `session_replication_role = replica` (local triggers and FK checks behave as for any
 //! replica; pgmm's own clock and guard triggers do not fire) and the replication origin
 //! `pgmm_<origin>`. A batch of consecutive remote transactions becomes one local transaction
-//! that starts with `pg_replication_origin_xact_setup(end_lsn, commit_time)` of the last one,
-//! so the origin's progress commits atomically with the data: after any crash the progress says
-//! exactly which remote transactions are in the database, and [`Applier::apply_batch`] skips
+//! whose last statement before COMMIT moves the origin's row of `pgmm.applied` (the progress
+//! record) to the end of the batch's last transaction, and sets up the replication origin's
+//! commit data (`pg_replication_origin_xact_setup(end_lsn, commit_time)`). The record commits
+//! and aborts with the data: after any crash it says exactly which remote transactions are in
+//! the database, the handshake resumes the sender from it, and [`Applier::apply_batch`] skips
 //! anything at or below it. That is the exactly-once argument; acks only tell the sender when it
 //! may let its slot forget. A reader sees all of a batch or none of it, so never part of one
 //! remote transaction.
 //!
-//! Throughput: the batch is sent as one pipeline (BEGIN, the origin setup, every change,
-//! COMMIT) and the results are read once, at the end. Each change decides, applies and records
-//! its own conflict in one statement (see [`sql::Lww`]), so nothing needs a result before
-//! COMMIT. The origin setup first checks that the origin's progress is exactly where this
-//! session left it, so a batch can never commit past a gap. The commit is synchronous when the
+//! Why not the replication origin's own progress: from PostgreSQL 16 on, a transaction that
+//! wrote under an origin and called `pg_replication_origin_xact_setup` advances the origin
+//! even when it rolls back (for parallel apply of streamed transactions), and apply rolls back
+//! routinely (a fast attempt that misses, a constraint error, 40001, a pgmm killed mid-batch).
+//! So the origin is used only for what only it gives (the commit's origin attribution, read by
+//! last-writer-wins through `pg_xact_commit_timestamp_origin`, and loop prevention), its setup
+//! comes last so that a statement failing before it leaves nothing for the abort to record, and
+//! each apply session rewinds it to the record before taking it.
+//!
+//! Throughput: the batch is sent as one pipeline (BEGIN, every change, the progress and origin
+//! setup, COMMIT) and the results are read once, at the end. Each change decides, applies and
+//! records its own conflict in one statement (see [`sql::Lww`]), so nothing needs a result
+//! before COMMIT. The progress statement fails unless the record is exactly where this session
+//! left it, so a batch can never commit past a gap. The commit is synchronous when the
 //! receiver is about to ack (a WAL flush makes it and everything before it durable).
 
 mod receiver;
@@ -292,6 +303,40 @@ impl Applier {
             ))
             .await
             .map_err(ApplyError::db("setting up the apply session"))?;
+        // The progress record, created at 0/0 for an origin seen for the first time.
+        client
+            .execute(
+                "INSERT INTO pgmm.applied (origin, end_lsn) VALUES ($1, '0/0') \
+                 ON CONFLICT (origin) DO NOTHING",
+                &[&origin_node],
+            )
+            .await
+            .map_err(ApplyError::db("creating the progress record"))?;
+        let progress = read_progress(&client, origin_node).await?;
+        // On 16+ an apply transaction that aborted after its origin setup (a pgmm killed between
+        // the setup and the COMMIT) moved the origin past what committed. Put it back on the
+        // record before taking it, so that the origin's progress, which operators and tools
+        // read, says what the database holds. It must be done while no session holds it.
+        let rewind = client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_advance($1, $2::text::pg_lsn) \
+                 WHERE coalesce(pg_catalog.pg_replication_origin_progress($1, false), '0/0') \
+                       <> $2::text::pg_lsn",
+                &[&origin, &format_lsn(progress)],
+            )
+            .await;
+        match rewind {
+            Ok(_) => {}
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") => {
+                return Err(ApplyError::OriginBusy { origin });
+            }
+            Err(e) => {
+                return Err(ApplyError::Database {
+                    what: "rewinding the replication origin to the progress record",
+                    source: e,
+                })
+            }
+        }
         if let Err(e) = client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
@@ -316,13 +361,20 @@ impl Applier {
         // Repeatable read: a local write racing with apply on the same row makes the apply
         // transaction fail (40001) and be resent, instead of deciding on a stale version.
         let begin = prepare("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
-        // The division fails (22012) unless the origin is exactly where the previous
-        // transaction of the pipeline left it: see the module docs.
+        // The last statement before COMMIT: it moves the progress record from where this
+        // session left it ($3) to the batch's end ($1), and fails (22012, division by zero)
+        // unless the record was exactly there, so a batch can never commit past a gap or twice.
+        // Then it sets up the origin's commit data (attribution, loop prevention). Coming last,
+        // a statement that fails before it leaves no origin LSN for the abort to record.
         let setup = prepare(
-            "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, \
+            "WITH moved AS (UPDATE pgmm.applied SET end_lsn = $1::text::pg_lsn, \
+                 commit_time = timestamptz '2000-01-01 00:00:00+00' \
+                               + $2::text::bigint * interval '1 microsecond', \
+                 applied_at = now() \
+               WHERE origin = $4 AND end_lsn = $3::text::pg_lsn RETURNING 1) \
+             SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, \
              timestamptz '2000-01-01 00:00:00+00' + $2::text::bigint * interval '1 microsecond') \
-             WHERE 1 / (CASE WHEN coalesce(pg_replication_origin_session_progress(false), '0/0') \
-                                  = $3::text::pg_lsn THEN 1 ELSE 0 END) = 1",
+             WHERE 1 / (SELECT count(*) FROM moved)::int = 1",
         )
         .await?;
         let sync_commit = prepare("SET LOCAL synchronous_commit = on").await?;
@@ -357,22 +409,9 @@ impl Applier {
             commit,
             progress: 0,
         };
-        applier.progress = applier.read_progress().await?;
+        applier.progress = progress;
         tracing::info!(origin = %origin_node, progress = %format_lsn(applier.progress), "apply session ready");
         Ok(applier)
-    }
-
-    async fn read_progress(&self) -> Result<Lsn, ApplyError> {
-        let progress: Option<String> = self
-            .client
-            .query_one(
-                "SELECT pg_replication_origin_session_progress(false)::text",
-                &[],
-            )
-            .await
-            .map_err(ApplyError::db("reading the origin's progress"))?
-            .get(0);
-        Ok(progress.as_deref().and_then(parse_lsn).unwrap_or(0))
     }
 
     /// The end LSN (on the origin) of the last remote transaction committed here.
@@ -416,7 +455,7 @@ impl Applier {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clear();
-                if let Ok(p) = self.read_progress().await {
+                if let Ok(p) = read_progress(&self.client, &self.origin_node).await {
                     self.progress = p;
                 }
                 Err(BatchError { applied, error })
@@ -457,7 +496,6 @@ impl Applier {
             .last()
             .expect("apply_batch passes at least one transaction");
         steps.push((self.begin.clone(), Vec::new(), Step::Begin));
-        steps.push((self.setup.clone(), setup_params(last, prev), Step::Setup));
         let start = prev;
         let mut planned: Vec<Planned> = Vec::new();
         for (i, (tx, tables)) in txs.iter().zip(tx_tables).enumerate() {
@@ -483,6 +521,11 @@ impl Applier {
             let statement = self.prepared(&p.slow, &p.table, &p.step).await?;
             steps.push((statement, p.params, p.step));
         }
+        steps.push((
+            self.setup.clone(),
+            setup_params(last, start, &self.origin_node),
+            Step::Setup,
+        ));
         if sync {
             steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
         }
@@ -549,8 +592,12 @@ impl Applier {
                                 what,
                                 source,
                             },
-                            Step::Begin | Step::Setup => ApplyError::Database {
-                                what: "starting the transaction under the replication origin",
+                            Step::Begin => ApplyError::Database {
+                                what: "starting the apply transaction",
+                                source,
+                            },
+                            Step::Setup => ApplyError::Database {
+                                what: "recording the progress under the replication origin",
                                 source,
                             },
                             Step::SyncCommit | Step::Commit => ApplyError::Database {
@@ -586,16 +633,7 @@ impl Applier {
         start: Lsn,
         sync: bool,
     ) -> Result<bool, ApplyError> {
-        let mut steps: Vec<(Statement, Vec<Param>)> = vec![
-            (self.begin.clone(), Vec::new()),
-            (
-                self.setup.clone(),
-                setup_params(last, start)
-                    .into_iter()
-                    .map(Param::One)
-                    .collect(),
-            ),
-        ];
+        let mut steps: Vec<(Statement, Vec<Param>)> = vec![(self.begin.clone(), Vec::new())];
         for layer in layers(planned) {
             for group in layer {
                 let p = &planned[group[0]];
@@ -625,6 +663,13 @@ impl Applier {
                 steps.push((statement, params));
             }
         }
+        steps.push((
+            self.setup.clone(),
+            setup_params(last, start, &self.origin_node)
+                .into_iter()
+                .map(Param::One)
+                .collect(),
+        ));
         if sync {
             steps.push((self.sync_commit.clone(), Vec::new()));
         }
@@ -734,13 +779,29 @@ impl Applier {
     }
 }
 
-/// The origin setup's parameters for a batch ending with `last`, started at progress `start`.
-fn setup_params(last: &RemoteTx, start: Lsn) -> Vec<PgText> {
+/// The origin setup's parameters for a batch from `origin` ending with `last`, started at
+/// progress `start`.
+fn setup_params(last: &RemoteTx, start: Lsn, origin: &str) -> Vec<PgText> {
     vec![
         literal(format_lsn(last.end_lsn)),
         literal(last.commit_time.to_string()),
         literal(format_lsn(start)),
+        literal(origin.to_owned()),
     ]
+}
+
+/// The end LSN (on `origin`) of the last transaction from `origin` committed here, from the
+/// progress record (`pgmm.applied`); 0 when there is none yet.
+pub(crate) async fn read_progress(client: &Client, origin: &str) -> Result<Lsn, ApplyError> {
+    let progress: Option<String> = client
+        .query_opt(
+            "SELECT end_lsn::text FROM pgmm.applied WHERE origin = $1",
+            &[&origin],
+        )
+        .await
+        .map_err(ApplyError::db("reading the progress record"))?
+        .map(|r| r.get(0));
+    Ok(progress.as_deref().and_then(parse_lsn).unwrap_or(0))
 }
 
 /// How a change may be tried on the fast path (see `Applier::try_fast`).

@@ -4,7 +4,7 @@
 //! (say, after the old TCP connection died without either side noticing) cancels the old
 //! link's loop and waits for it to let go of the applier; the old loop only stops between
 //! transactions, never in the middle of applying one. The handshake's resume position is the
-//! origin's progress as the database has it, so a sender always restarts from what is
+//! progress record as the database has it, so a sender always restarts from what is
 //! committed here, and anything it sends twice is skipped by the applier.
 
 use std::collections::HashMap;
@@ -39,8 +39,8 @@ const MAX_BATCH: usize = 1024;
 /// How long a new link waits for the origin's previous apply session to end.
 const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
 
-/// Reads `pg_replication_origin_progress` for the handshake, over one lazily (re)opened
-/// session.
+/// Reads the progress record (`pgmm.applied`, the one an aborted apply cannot move) for the
+/// handshake, over one lazily (re)opened session.
 #[derive(Clone)]
 pub struct OriginProgress {
     pg: PostgresConfig,
@@ -67,12 +67,12 @@ impl OriginProgress {
         }
         let client = guard.as_ref().expect("just connected");
         let row = client
-            .query_one(
-                "SELECT pg_replication_origin_progress($1, false)::text",
-                &[&origin_name(node)],
+            .query_opt(
+                "SELECT end_lsn::text FROM pgmm.applied WHERE origin = $1",
+                &[&node],
             )
             .await?;
-        let text: Option<String> = row.get(0);
+        let text: Option<String> = row.map(|r| r.get(0));
         Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
     }
 }

@@ -211,7 +211,7 @@ pub(crate) const LABELS: &[&str] = &[
 ];
 
 /// Where the server wants a connecting node's changes to start from: in pgmm, that node's
-/// replication origin progress (`pg_replication_origin_progress('pgmm_<node>', true)`).
+/// progress record (its row of `pgmm.applied`, which commits with every applied batch).
 /// Any `Fn(&str) -> u64` is one, for tests and fixed positions.
 pub trait ResumeSource: Sync {
     fn resume_from(
