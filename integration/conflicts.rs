@@ -229,6 +229,61 @@ fn a_batch_of_new_rows_and_conflicting_updates_is_applied_after_its_fast_attempt
     assert_eq!(conflicts_counted(&c, 1), 40.0, "conflicts on b");
 }
 
+/// A value large enough to be stored out of line even after compression (md5 hex of random
+/// numbers compresses little).
+const BIG: &str = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 400))";
+
+/// An update that leaves a TOASTed column untouched carries no value for it (pgoutput's
+/// "unchanged"). Where it wins over a version the receiver wrote itself, the receiver must not
+/// keep its own large value under the winner's stamp, nor fail to insert the winner over its
+/// own delete: the origin ships the value, and every node ends byte-identical.
+#[test]
+fn an_update_that_leaves_a_large_value_unchanged_wins_whole_over_a_concurrent_version() {
+    let _heavy = heavy_lock();
+    let big_columns =
+        "id int PRIMARY KEY, v text, big text, updated_at timestamptz NOT NULL DEFAULT now()";
+    let mut c = cluster_with(2, ClusterOptions::default(), &[("t", big_columns)]);
+    let a = c.front_door(0);
+    a.exec(&format!(
+        "INSERT INTO t (id, v, big) SELECT g, 'base', {BIG} FROM generate_series(1, 3) g"
+    ));
+    c.wait_converged("t", 3);
+    let original = |c: &TestCluster, i: usize, id: i32| {
+        c.scalar(i, &format!("SELECT md5(big) FROM t WHERE id = {id}"))
+    };
+    let (big1, big2) = (original(&c, 0, 1), original(&c, 0, 2));
+
+    // b is cut off: it rewrites row 1's large value and deletes row 2; then a updates only the
+    // small column of both (later, so a wins), and of row 3 where b did nothing.
+    c.pgmm_mut(1).kill();
+    c.exec(
+        1,
+        &format!("UPDATE t SET v = 'b', big = {BIG} WHERE id = 1"),
+    );
+    c.exec(1, "DELETE FROM t WHERE id = 2");
+    a.exec("UPDATE t SET v = 'a' WHERE id IN (1, 2, 3)");
+    c.pgmm_mut(1).restart();
+
+    c.wait_all(
+        "a's updates everywhere",
+        "SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t",
+        "1=a,2=a,3=a",
+    );
+    c.wait_converged("t", 3);
+    for i in 0..2 {
+        assert_eq!(original(&c, i, 1), big1, "row 1's large value on node {i}");
+        assert_eq!(original(&c, i, 2), big2, "row 2's large value on node {i}");
+    }
+    assert_eq!(
+        conflict_set(&c, 1),
+        sorted(&[
+            "update_origin_differs apply_remote 1",
+            "update_missing apply_remote 2"
+        ]),
+        "b applies a's versions whole"
+    );
+}
+
 #[test]
 fn sequential_writes_through_different_nodes_are_not_conflicts() {
     let c = cluster_with(3, ClusterOptions::default(), &[("t", COLUMNS)]);

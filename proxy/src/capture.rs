@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::origin_name;
 use crate::changeset::{AssembleError, Assembler};
-use crate::config::PeerEntry;
+use crate::config::{PeerEntry, PostgresConfig};
 use crate::enrol::PUBLICATION;
 use crate::metrics::ReplicationMetrics;
+use crate::migrate::pg_error_text;
 use crate::peer::{
     self, Backoff, Body, ClientTls, FrameError, PeerError, PeerIdentity, PeerMetrics, BACKOFF_BASE,
 };
@@ -34,6 +35,7 @@ use crate::pgoutput::{
     ReplicationMessage,
 };
 use crate::replication::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
+use crate::toast_fill::{self, FillError};
 
 /// Longest wait between reconnection attempts: a peer that comes back is found within this.
 pub const RECONNECT_CAP: Duration = Duration::from_secs(5);
@@ -64,6 +66,10 @@ pub enum SendError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Assemble(#[from] AssembleError),
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    #[error("connecting to the local Postgres to read unchanged TOAST values: {}", pg_error_text(.0))]
+    FillConnect(#[source] tokio_postgres::Error),
 }
 
 impl SendError {
@@ -73,6 +79,7 @@ impl SendError {
             SendError::Link(_) | SendError::Frame(_) | SendError::LinkClosed => "link",
             SendError::Slot(_) | SendError::StreamEnded => "slot",
             SendError::Decode(_) | SendError::Assemble(_) => "decode",
+            SendError::Fill(_) | SendError::FillConnect(_) => "fill",
         }
     }
 
@@ -84,6 +91,9 @@ impl SendError {
             SendError::Slot(e) => e.sqlstate().into(),
             SendError::Decode(e) => e.sqlstate().into(),
             SendError::Assemble(e) => e.sqlstate().into(),
+            SendError::Fill(FillError(e)) | SendError::FillConnect(e) => e
+                .code()
+                .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
         }
     }
 }
@@ -94,6 +104,8 @@ pub struct Shipper {
     pub tls: Option<ClientTls>,
     /// The replication connection to the local Postgres (from `[postgres] url`).
     pub conn: ConnConfig,
+    /// The local Postgres, for reading the unchanged TOAST values of updates (`toast_fill`).
+    pub postgres: PostgresConfig,
     pub peer_metrics: PeerMetrics,
     pub metrics: ReplicationMetrics,
     /// Highest commit end LSN whose changes were counted as captured: every slot reads the same
@@ -222,6 +234,8 @@ impl Shipper {
         let shipped = self.metrics.changes_shipped.with_label_values(&labels);
         let lag = self.metrics.lag_seconds.with_label_values(&labels);
         let mut assembler = Assembler::new();
+        // Opened the first time an update leaves a TOASTed column untouched.
+        let mut filler: Option<tokio_postgres::Client> = None;
         let mut state = Progress::new(resume);
         let mut unflushed = 0usize;
         let mut tick = tokio::time::interval(TICK);
@@ -274,6 +288,15 @@ impl Shipper {
                                     if tx.origin.is_some() || tx.changes.is_empty() || tx.end_lsn <= resume {
                                         state.skipped(tx.end_lsn);
                                         break 'message;
+                                    }
+                                    let mut tx = tx;
+                                    if toast_fill::needs_fill(&tx.changes) {
+                                        let client = match filler.take() {
+                                            Some(c) if !c.is_closed() => c,
+                                            _ => self.connect_filler().await?,
+                                        };
+                                        toast_fill::fill(&client, &mut tx.changes).await?;
+                                        filler = Some(client);
                                     }
                                     let n = tx.changes.len() as u64;
                                     if self.captured_upto.fetch_max(tx.end_lsn, Ordering::Relaxed) < tx.end_lsn {
@@ -335,6 +358,23 @@ impl Shipper {
         lag.set(0.0);
         let _ = stream.close().await;
         result
+    }
+}
+
+impl Shipper {
+    async fn connect_filler(&self) -> Result<tokio_postgres::Client, SendError> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.postgres.url, tokio_postgres::NoTls)
+                .await
+                .map_err(SendError::FillConnect)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+            .batch_execute("SET application_name = 'pgmm capture (unchanged TOAST values)'")
+            .await
+            .map_err(SendError::FillConnect)?;
+        Ok(client)
     }
 }
 

@@ -28,4 +28,5 @@ pub mod session;
 pub mod status;
 pub mod table;
 pub mod tls;
+pub mod toast_fill;
 pub mod wire;

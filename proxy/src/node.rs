@@ -235,6 +235,7 @@ impl ReplicationNode {
                 identity: identity.clone(),
                 tls: tls.as_ref().map(|t| t.client.clone()),
                 conn,
+                postgres: config.postgres.clone(),
                 peer_metrics: peer_metrics.clone(),
                 metrics: metrics.clone(),
                 captured_upto: captured_upto.clone(),
