@@ -73,6 +73,8 @@ pub struct NodeOverride {
     pub secret: Option<String>,
     /// Appended to this node's config after [`ClusterOptions::extra_toml`].
     pub extra_toml: String,
+    /// This node's PostgreSQL binaries (another major than the rest of the cluster).
+    pub pg_bindir: Option<std::path::PathBuf>,
 }
 
 struct Node {
@@ -113,7 +115,14 @@ impl TestCluster {
         }
         let pgs: Vec<PgCluster> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
-                .map(|_| s.spawn(|| PgCluster::start_with(opts.pg.clone())))
+                .map(|i| {
+                    let mut pg = opts.pg.clone();
+                    let name = ((b'a' + i as u8) as char).to_string();
+                    if let Some(dir) = opts.overrides.get(&name).and_then(|o| o.pg_bindir.clone()) {
+                        pg.bindir = Some(dir);
+                    }
+                    s.spawn(move || PgCluster::start_with(pg))
+                })
                 .collect();
             handles
                 .into_iter()

@@ -6,13 +6,14 @@
 //! `postgres` system user — directly (`CommandExt::uid`), not through `su`, so that the child we hold is
 //! the postmaster itself and dropping the cluster can signal it.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::{chown, DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rustix::process::{kill_process, Pid, Signal};
@@ -48,6 +49,23 @@ pub struct PgOptions {
     /// Replaces the whole `pg_hba.conf`; `None` keeps the default (trust for `postgres` on 127.0.0.1,
     /// SCRAM for `scram_user`, MD5 for `md5_user`, SCRAM for everyone else).
     pub hba: Option<String>,
+    /// The server binaries of this cluster (a mixed-major cluster); `None`: the harness's own
+    /// ($PG_BINDIR, `pg_config`, the newest Debian install, PATH).
+    pub bindir: Option<PathBuf>,
+}
+
+/// The bin directory of PostgreSQL `major` on this machine, when it is installed: Debian's
+/// (`/usr/lib/postgresql/N/bin`) or the relocatable build `.ci/install-postgres` puts under
+/// `$PGMM_POSTGRES_ROOT` (default `/opt/pgmm-postgres/N/bin`).
+pub fn bindir_of_major(major: u32) -> Option<PathBuf> {
+    let root =
+        std::env::var_os("PGMM_POSTGRES_ROOT").unwrap_or_else(|| "/opt/pgmm-postgres".into());
+    [
+        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        PathBuf::from(root).join(major.to_string()).join("bin"),
+    ]
+    .into_iter()
+    .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
 }
 
 /// A running PostgreSQL server in its own temporary directory; dropping it stops the server and
@@ -56,6 +74,7 @@ pub struct PgCluster {
     port: u16,
     child: Child,
     dir: TempDir,
+    inst: &'static Install,
 }
 
 struct Install {
@@ -64,10 +83,12 @@ struct Install {
     version: String,
     /// uid/gid to run the server binaries as, when we are root.
     run_as: Option<(u32, u32)>,
+    /// The template data directory (see [`template`]), made on first use.
+    template: OnceLock<PathBuf>,
 }
 
 fn install() -> &'static Install {
-    static INSTALL: OnceLock<Install> = OnceLock::new();
+    static INSTALL: OnceLock<&'static Install> = OnceLock::new();
     INSTALL.get_or_init(|| {
         let bindir = find_bindir().unwrap_or_else(|| {
             panic!(
@@ -75,6 +96,18 @@ fn install() -> &'static Install {
                  /usr/lib/postgresql/*/bin and PATH for initdb + postgres): apt-get install postgresql"
             )
         });
+        install_at(&bindir)
+    })
+}
+
+/// The install in `bindir`, looked at once per test process (each has its own template).
+fn install_at(bindir: &Path) -> &'static Install {
+    static INSTALLS: OnceLock<Mutex<HashMap<PathBuf, &'static Install>>> = OnceLock::new();
+    let mut installs = INSTALLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    installs.entry(bindir.to_path_buf()).or_insert_with(|| {
         let version = run_ok(
             Command::new(bindir.join("postgres")).arg("--version"),
             None,
@@ -82,11 +115,12 @@ fn install() -> &'static Install {
         )
         .trim()
         .to_string();
-        Install {
-            bindir,
+        Box::leak(Box::new(Install {
+            bindir: bindir.to_path_buf(),
             version,
             run_as: server_user(),
-        }
+            template: OnceLock::new(),
+        }))
     })
 }
 
@@ -121,6 +155,11 @@ fn find_bindir() -> Option<PathBuf> {
 
 /// As root, the uid/gid of the `postgres` system user; otherwise `None` (run as ourselves).
 fn server_user() -> Option<(u32, u32)> {
+    static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *USER.get_or_init(look_up_server_user)
+}
+
+fn look_up_server_user() -> Option<(u32, u32)> {
     if !rustix::process::geteuid().is_root() {
         return None;
     }
@@ -143,8 +182,7 @@ fn server_user() -> Option<(u32, u32)> {
     Some((id("-u"), id("-g")))
 }
 
-fn server_command(program: &str, cwd: &Path) -> Command {
-    let inst = install();
+fn server_command(inst: &Install, program: &str, cwd: &Path) -> Command {
     let mut cmd = Command::new(inst.bindir.join(program));
     cmd.current_dir(cwd).env("LC_ALL", "C").env_remove("PGDATA");
     if let Some((uid, gid)) = inst.run_as {
@@ -154,7 +192,7 @@ fn server_command(program: &str, cwd: &Path) -> Command {
 }
 
 fn chown_to_server_user(path: &Path) {
-    if let Some((uid, gid)) = install().run_as {
+    if let Some((uid, gid)) = server_user() {
         chown(path, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
     }
@@ -162,10 +200,8 @@ fn chown_to_server_user(path: &Path) {
 
 /// The template data directory: initdb'd once per harness revision and server version, with the
 /// test roles created and the default pg_hba.conf.
-fn template() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
-        let inst = install();
+fn template(inst: &'static Install) -> &'static Path {
+    inst.template.get_or_init(|| {
         let slug: String = inst
             .version
             .chars()
@@ -191,7 +227,7 @@ fn template() -> &'static Path {
         chown_to_server_user(staging.path());
         let data = staging.path().join("data");
         run_ok(
-            server_command("initdb", staging.path())
+            server_command(inst, "initdb", staging.path())
                 .arg("-D")
                 .arg(&data)
                 .args([
@@ -212,7 +248,7 @@ fn template() -> &'static Path {
             SCRAM_USER.0, SCRAM_USER.1, MD5_USER.0, MD5_USER.1
         );
         let out = run_command(
-            server_command("postgres", staging.path())
+            server_command(inst, "postgres", staging.path())
                 .arg("--single")
                 .arg("-D")
                 .arg(&data)
@@ -286,7 +322,8 @@ impl PgCluster {
 
     pub fn start_with(opts: PgOptions) -> PgCluster {
         const ATTEMPTS: usize = 3;
-        let template = template();
+        let inst = opts.bindir.as_deref().map_or_else(install, install_at);
+        let template = template(inst);
         for attempt in 1..=ATTEMPTS {
             let dir = tempfile::Builder::new()
                 .prefix("pgmm-it-pg-")
@@ -295,7 +332,7 @@ impl PgCluster {
             fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
             chown_to_server_user(dir.path());
             let data = dir.path().join("data");
-            copy_tree(template, &data, install().run_as);
+            copy_tree(template, &data, inst.run_as);
             let port = free_port();
             let mut conf = vec![
                 format!("port = {port}"),
@@ -323,7 +360,7 @@ impl PgCluster {
             }
             let log_path = dir.path().join("postgres.log");
             let log = fs::File::create(&log_path).expect("create postgres.log");
-            let mut child = server_command("postgres", dir.path())
+            let mut child = server_command(inst, "postgres", dir.path())
                 .arg("-D")
                 .arg(&data)
                 .stdin(Stdio::null())
@@ -345,7 +382,14 @@ impl PgCluster {
                 },
             );
             match outcome {
-                Ok(()) => return PgCluster { port, child, dir },
+                Ok(()) => {
+                    return PgCluster {
+                        port,
+                        child,
+                        dir,
+                        inst,
+                    }
+                }
                 Err(status) => {
                     let log = fs::read_to_string(&log_path).unwrap_or_default();
                     let port_taken =
@@ -365,11 +409,16 @@ impl PgCluster {
 
     /// Where the server binaries (and psql, pgbench) live.
     pub fn bindir(&self) -> &'static Path {
-        &install().bindir
+        &self.inst.bindir
     }
 
     pub fn bin(&self, program: &str) -> PathBuf {
-        install().bindir.join(program)
+        self.inst.bindir.join(program)
+    }
+
+    /// `postgres --version` of this cluster's server.
+    pub fn version(&self) -> &'static str {
+        &self.inst.version
     }
 
     pub fn data_dir(&self) -> PathBuf {
