@@ -437,7 +437,7 @@ fn crash_postgres(c: &TestCluster, i: usize) {
 
 fn random_run(seed: u64) {
     const KEYS: u64 = 12;
-    const ROUNDS: usize = 6;
+    const ROUNDS: usize = 8;
     const WRITES: usize = 16;
     // Stamps as text in UTC at microsecond precision sort like the timestamps themselves.
     const STAMP: &str = "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')";
@@ -526,7 +526,7 @@ fn random_run(seed: u64) {
                 2 => {
                     // One transaction: a fresh key of this node's own (never a conflict) and a
                     // shared one (often a conflict), so that a batch mixes both.
-                    let own = 100 + node as i32 * 100 + (round * WRITES + w) as i32;
+                    let own = 1000 * (node as i32 + 1) + (round * WRITES + w) as i32;
                     c.rows(
                         node,
                         &format!(
