@@ -839,3 +839,33 @@ fn a_node_on_15_and_a_node_on_18_replicate_both_ways_while_both_take_writes() {
         );
     }
 }
+
+/// While a link is down, a peer's lag is the time since it last had everything (plus the lag it
+/// had then), not the time since the shipper started: a node up for a day whose link blips
+/// must not report a day of lag. It grows while the link stays down and falls back once the
+/// peer is back.
+#[test]
+fn lag_while_a_link_is_down_counts_from_the_drop() {
+    const SERIES: &str = "pgmm_replication_lag_seconds{peer=\"b\"}";
+    let mut c = cluster(2, "t");
+    wait_metric_eq(&c, 0, "pgmm_peer_up{peer=\"b\"}", 1.0);
+    c.front_door(0)
+        .exec("INSERT INTO t (id, v) VALUES (1, 'x')");
+    c.wait_converged("t", 1);
+    // Not a wait for a condition: the shipper must have been running for a while before the
+    // drop, so that counting from its start would show.
+    thread::sleep(Duration::from_secs(6));
+    c.pgmm_mut(1).kill();
+    wait_metric_eq(&c, 0, "pgmm_peer_up{peer=\"b\"}", 0.0);
+    let first = metric(&c, 0, SERIES);
+    assert!(
+        first < 4.0,
+        "lag right after the link dropped should count from the drop, not from the shipper's start: {first}"
+    );
+    c.wait_metric(0, SERIES, "growing while b is down", |v| {
+        v.unwrap_or(0.0) >= first + 1.0
+    });
+    c.pgmm_mut(1).restart();
+    wait_metric_eq(&c, 0, "pgmm_peer_up{peer=\"b\"}", 1.0);
+    c.wait_metric(0, SERIES, "back near zero", |v| v.unwrap_or(99.0) < 1.0);
+}

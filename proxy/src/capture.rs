@@ -132,12 +132,20 @@ impl Shipper {
         let labels = [peer.name.as_str()];
         let up = self.metrics.peer_up.with_label_values(&labels);
         let lag = self.metrics.lag_seconds.with_label_values(&labels);
-        let down_since = Instant::now();
+        // While the link is down the peer's lag is what it was when the link dropped plus the
+        // time since: the peer has nothing newer than that moment. Both are taken anew at every
+        // drop of a link that was up (a link that never came up changes neither).
+        let mut down_since = Instant::now();
+        let mut lag_at_drop = 0.0;
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.session(&peer, &shutdown, &mut backoff) => r,
             };
+            if up.get() == 1 {
+                down_since = Instant::now();
+                lag_at_drop = lag.get();
+            }
             up.set(0);
             match result {
                 Ok(()) => break,
@@ -155,12 +163,18 @@ impl Shipper {
                     );
                 }
             }
-            lag.set(down_since.elapsed().as_secs_f64());
             let delay = backoff.next_delay();
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-                _ = wake.notified() => {}
+            let wait = tokio::time::sleep(delay);
+            tokio::pin!(wait);
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                lag.set(lag_at_drop + down_since.elapsed().as_secs_f64());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut wait => break,
+                    _ = wake.notified() => break,
+                    _ = tick.tick() => {}
+                }
             }
         }
         up.set(0);
@@ -355,7 +369,6 @@ impl Shipper {
         }
         .await;
         reader.abort();
-        lag.set(0.0);
         let _ = stream.close().await;
         result
     }
