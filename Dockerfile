@@ -5,18 +5,17 @@
 #   docker build -t pgmm:0.1.0 .            # or: podman build / buildah bud
 #
 # The tag the chart expects by default is `pgmm:<chart appVersion>` (helm/pgmm/values.yaml). Both
-# base images are build arguments, so a builder without registry access can use local ones
-# (.ci/image-build makes them with debootstrap).
+# base images are build arguments, so a builder without registry access can use local ones, and
+# a context with vendored crates builds without network (.ci/image-build does both).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY proxy proxy
-COPY migrations migrations
-# proxy/Cargo.toml names the integration tests; cargo reads their paths, not their code.
-COPY integration integration
+# What .dockerignore lets through: the workspace manifest, the crate, its migrations, the
+# integration tests (proxy/Cargo.toml names them; cargo reads their paths, not their code) and,
+# for a build without network, vendor/ with the .cargo/config.toml that `cargo vendor` prints.
+COPY . .
 # The registry and target caches survive between builds (BuildKit, buildah and podman alike);
 # the binary is copied out of the cache mount so that the next stage can take it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
