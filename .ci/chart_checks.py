@@ -138,6 +138,12 @@ def check(rendered, replicas):
         fail(f"max_replication_slots={slots} is less than the {replicas - 1} peers")
     if pg["securityContext"].get("runAsUser") != 999:
         fail("postgres must run as user 999")
+    # PGDATA set explicitly, below the data volume: the official images' own default differs by
+    # major (18: /var/lib/postgresql/18/docker), and a data directory off the volume is lost.
+    pgdata = next((e.get("value") for e in pg.get("env", []) if e["name"] == "PGDATA"), None)
+    data_mount = next((m["mountPath"] for m in pg.get("volumeMounts", []) if m["name"] == "data"), None)
+    if not pgdata or not data_mount or not pgdata.startswith(data_mount.rstrip("/") + "/"):
+        fail(f"postgres needs PGDATA ({pgdata}) in a subdirectory of the data volume ({data_mount})")
     pgmm = containers["pgmm"]
     if pgmm["command"] != ["pgmm", "serve", "--config", "/etc/pgmm/pgmm.toml"]:
         fail(f"pgmm command is {pgmm['command']}")
@@ -196,6 +202,7 @@ def expect_rules(rules, *pairs):
 METRICS = ["pgmm_replication_lag_seconds", "pgmm_replication_lag_bytes", "pgmm_changes_captured_total",
            "pgmm_changes_shipped_total", "pgmm_changes_applied_total", "pgmm_conflicts_total",
            "pgmm_ownership_rejections_total", "pgmm_peer_up", "pgmm_slot_retained_wal_bytes",
+           "pgmm_slot_invalidated",
            "pgmm_client_connections"]
 
 

@@ -293,3 +293,124 @@ fn metrics_pass_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `wal_status` of node `i`'s slot for `peer`.
+fn slot_wal_status(cluster: &TestCluster, i: usize, peer: &str) -> String {
+    cluster.scalar(
+        i,
+        &format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgmm_{peer}'"),
+    )
+}
+
+/// A slot Postgres invalidates (its peer stayed away past `max_slot_wal_keep_size`) is reported
+/// as the operator's problem it is: `pgmm_slot_invalidated`, `/status`, `pgmm status`, `/readyz`
+/// and an ERROR line saying what to do. Doing it (drop the slot, restart pgmm) brings the link
+/// back; what the removed WAL held never reaches the peer, which is why the message says to
+/// re-synchronise it.
+#[test]
+fn an_invalidated_slot_is_reported_until_it_is_dropped_and_recreated() {
+    let mut c = TestCluster::prepare(2, ClusterOptions::default());
+    c.create_table("t", COLUMNS);
+    c.start_pgmm();
+    let usable = "pgmm_slot_invalidated{peer=\"b\",reason=\"\"}";
+    let lost = "pgmm_slot_invalidated{peer=\"b\",reason=\"wal_removed\"}";
+    c.wait_metric(0, usable, "== 0", |v| v == Some(0.0));
+    c.front_door(0)
+        .exec("INSERT INTO t (id, v) VALUES (1, 'before')");
+    c.wait_converged("t", 1);
+
+    // b's pgmm goes away, so nothing reads a's slot for b; a keeps at most 1 MB of WAL for it.
+    c.pgmm_mut(1).kill();
+    c.wait_metric(0, "pgmm_peer_up{peer=\"b\"}", "== 0", |v| v == Some(0.0));
+    c.exec(0, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    c.exec(0, "SELECT pg_reload_conf()");
+    let mut id = 1;
+    wait_for("a's slot for b to be invalidated", WAIT, || {
+        id += 1;
+        c.exec(
+            0,
+            &format!("INSERT INTO t (id, v) VALUES ({id}, 'while b is away')"),
+        );
+        c.exec(0, "SELECT pg_switch_wal()");
+        c.exec(0, "CHECKPOINT");
+        match slot_wal_status(&c, 0, "b") {
+            s if s == "lost" => Ok(()),
+            s => Err(format!("wal_status {s}")),
+        }
+    });
+    // Nothing else should lose its slot: the setting goes back to unlimited.
+    c.exec(0, "ALTER SYSTEM RESET max_slot_wal_keep_size");
+    c.exec(0, "SELECT pg_reload_conf()");
+
+    c.wait_metric(0, lost, "== 1", |v| v == Some(1.0));
+    assert_eq!(c.metric(0, usable), None, "one series per peer");
+    let report = wait_for("/status of a to show the slot invalidated", WAIT, || {
+        let report = status_json(&c, 0)?;
+        (report["peers"][0]["slot_invalidated"] == "wal_removed")
+            .then_some(report.clone())
+            .ok_or(format!("{report:#}"))
+    });
+    assert_eq!(report["peers"][0]["name"], "b", "{report:#}");
+    assert_eq!(report["peers"][0]["up"], false, "{report:#}");
+    let text = String::from_utf8_lossy(&status(&c, 0, false).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("b ") && l.ends_with("LOST (wal_removed)")),
+        "{text}"
+    );
+    assert!(
+        text.contains("SLOT INVALIDATED: slot pgmm_b of peer b was invalidated (wal_removed)"),
+        "{text}"
+    );
+    assert_eq!(
+        readyz(&c, 0),
+        Some((
+            503,
+            "not ready: peer b: down, slot pgmm_b invalidated (wal_removed)\n".to_owned()
+        ))
+    );
+    let log = c.pgmm(0).log();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("replication slot pgmm_b is INVALIDATED (wal_removed)")
+            && l.contains("pg_drop_replication_slot('pgmm_b')")
+            && l.contains("re-synchronising")),
+        "{log}"
+    );
+
+    // b comes back: the slot cannot be read, the link stays down, and the report stays.
+    c.pgmm_mut(1).restart();
+    c.wait_metric(
+        0,
+        "pgmm_replication_errors_total{peer=\"b\",stage=\"slot\"}",
+        ">= 1",
+        |v| v >= Some(1.0),
+    );
+    assert_eq!(c.metric(0, "pgmm_peer_up{peer=\"b\"}"), Some(0.0));
+    assert_eq!(c.metric(0, lost), Some(1.0));
+
+    // What the message says to do: drop the slot, restart pgmm here.
+    c.exec(0, "SELECT pg_drop_replication_slot('pgmm_b')");
+    c.pgmm_mut(0).kill();
+    c.pgmm_mut(0).restart();
+    c.wait_metric(0, "pgmm_peer_up{peer=\"b\"}", "== 1", |v| v == Some(1.0));
+    c.wait_metric(0, usable, "== 0", |v| v == Some(0.0));
+    assert_eq!(c.metric(0, lost), None);
+    assert!(
+        status_json(&c, 0).unwrap()["peers"][0]["slot_invalidated"].is_null(),
+        "the report is cleared"
+    );
+    c.front_door(0)
+        .exec("INSERT INTO t (id, v) VALUES (1000, 'after')");
+    c.wait_nodes(
+        "the row written after the slot was recreated on b",
+        &[1],
+        "SELECT count(*) FROM t WHERE id = 1000",
+        "1",
+    );
+    // The rows written while the slot was being lost never reach b: hence the re-sync.
+    assert_eq!(
+        c.scalar(1, "SELECT count(*) FROM t WHERE v = 'while b is away'"),
+        "0"
+    );
+}

@@ -25,6 +25,7 @@ pub mod readiness;
 pub mod refusal;
 pub mod replication;
 pub mod session;
+pub mod slots;
 pub mod status;
 pub mod table;
 pub mod tls;

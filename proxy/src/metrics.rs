@@ -12,6 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -122,6 +123,9 @@ pub struct ReplicationMetrics {
     pub lag_bytes: IntGaugeVec,
     pub peer_up: IntGaugeVec,
     pub slot_retained_wal_bytes: IntGaugeVec,
+    /// One series per peer: `reason=""` at 0 while the slot is usable, else the reason at 1;
+    /// set it with [`ReplicationMetrics::set_slot_invalidated`].
+    slot_invalidated: IntGaugeVec,
     pub enrolled_tables: IntGauge,
     pub enrolment_errors: IntCounter,
     pub peer_clock_skew: GaugeVec,
@@ -209,6 +213,18 @@ impl ReplicationMetrics {
                 ),
                 &["peer"],
             )?,
+            slot_invalidated: IntGaugeVec::new(
+                Opts::new(
+                    "pgmm_slot_invalidated",
+                    "1 while the peer's replication slot (pgmm_<peer>) is invalidated \
+                     (wal_status lost): Postgres removed WAL the peer never received, and \
+                     nothing reaches the peer until the slot is dropped and recreated and the \
+                     peer re-synchronised. reason is the slot's invalidation_reason \
+                     (PostgreSQL 17+; wal_removed before); 0 with an empty reason while the slot \
+                     is usable.",
+                ),
+                &["peer", "reason"],
+            )?,
             enrolled_tables: IntGauge::new(
                 "pgmm_enrolled_tables",
                 "Tables in publication pgmm, i.e. replicated from this node.",
@@ -245,6 +261,7 @@ impl ReplicationMetrics {
         registry.register(Box::new(m.lag_bytes.clone()))?;
         registry.register(Box::new(m.peer_up.clone()))?;
         registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
+        registry.register(Box::new(m.slot_invalidated.clone()))?;
         registry.register(Box::new(m.enrolled_tables.clone()))?;
         registry.register(Box::new(m.enrolment_errors.clone()))?;
         registry.register(Box::new(m.peer_clock_skew.clone()))?;
@@ -262,10 +279,41 @@ impl ReplicationMetrics {
             m.lag_bytes.with_label_values(&l);
             m.peer_up.with_label_values(&l);
             m.slot_retained_wal_bytes.with_label_values(&l);
+            m.slot_invalidated.with_label_values(&[peer.as_str(), ""]);
             m.peer_clock_skew.with_label_values(&l);
         }
         Ok(m)
     }
+}
+
+impl ReplicationMetrics {
+    /// `pgmm_slot_invalidated` of `peer`: `Some(reason)` while its slot is invalidated. The
+    /// peer keeps exactly one series, so that a reason that changes does not leave a stale 1.
+    pub fn set_slot_invalidated(&self, peer: &str, reason: Option<&str>) {
+        let reason_label = reason.unwrap_or("");
+        for family in self.slot_invalidated.collect() {
+            for metric in family.get_metric() {
+                if label(metric, "peer").as_deref() == Some(peer) {
+                    let other = label(metric, "reason").unwrap_or_default();
+                    if other != reason_label {
+                        let _ = self.slot_invalidated.remove_label_values(&[peer, &other]);
+                    }
+                }
+            }
+        }
+        self.slot_invalidated
+            .with_label_values(&[peer, reason_label])
+            .set(i64::from(reason.is_some()));
+    }
+}
+
+/// The value of label `name` of a gathered series.
+pub fn label(metric: &prometheus::proto::Metric, name: &str) -> Option<String> {
+    metric
+        .get_label()
+        .iter()
+        .find(|l| l.name() == name)
+        .map(|l| l.value().to_owned())
 }
 
 /// A registry with the process collector (CPU, RSS, file descriptors) already in it.
@@ -317,4 +365,41 @@ pub fn routes(registry: Arc<Registry>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalidated_slot_keeps_one_series_per_peer() {
+        let registry = Registry::new();
+        let m = ReplicationMetrics::register(&registry, &["b".to_owned()]).unwrap();
+        let series = || -> Vec<String> {
+            render(&registry)
+                .lines()
+                .filter(|l| l.starts_with("pgmm_slot_invalidated{"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            series(),
+            ["pgmm_slot_invalidated{peer=\"b\",reason=\"\"} 0"]
+        );
+        m.set_slot_invalidated("b", Some("wal_removed"));
+        assert_eq!(
+            series(),
+            ["pgmm_slot_invalidated{peer=\"b\",reason=\"wal_removed\"} 1"]
+        );
+        m.set_slot_invalidated("b", Some("idle_timeout"));
+        assert_eq!(
+            series(),
+            ["pgmm_slot_invalidated{peer=\"b\",reason=\"idle_timeout\"} 1"]
+        );
+        m.set_slot_invalidated("b", None);
+        assert_eq!(
+            series(),
+            ["pgmm_slot_invalidated{peer=\"b\",reason=\"\"} 0"]
+        );
+    }
 }

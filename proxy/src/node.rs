@@ -28,9 +28,8 @@ use crate::migrate::{self, pg_error_text, MigrateError};
 use crate::owners::OwnerRules;
 use crate::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
 use crate::replication::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
+use crate::slots;
 
-/// How often slot positions are read for the lag and retained-WAL gauges.
-const SLOT_MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 /// After DDL at the front door, how long to wait before checking enrolment: the DDL's
 /// transaction usually commits within this.
 const DDL_SETTLE: Duration = Duration::from_millis(300);
@@ -257,7 +256,7 @@ impl ReplicationNode {
             metrics.clone(),
             shutdown.clone(),
         ));
-        tasks.spawn(slot_monitor(
+        tasks.spawn(slots::monitor(
             config.clone(),
             peers,
             metrics,
@@ -368,74 +367,6 @@ async fn enrol_loop(
             Err(e) => {
                 metrics.enrolment_errors.inc();
                 tracing::warn!(error = %e, "updating publication pgmm failed");
-            }
-        }
-    }
-}
-
-/// Keeps `pgmm_slot_retained_wal_bytes` and `pgmm_replication_lag_bytes` current, and says so
-/// loudly when a peer's slot has gone missing (changes since then cannot reach that peer).
-async fn slot_monitor(
-    config: Config,
-    peers: Vec<String>,
-    metrics: ReplicationMetrics,
-    shutdown: CancellationToken,
-) {
-    let slots: Vec<String> = peers.iter().map(|p| origin_name(p)).collect();
-    let mut client: Option<Client> = None;
-    let mut missing_logged = Vec::<String>::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(SLOT_MONITOR_INTERVAL) => {}
-        }
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = migrate::connect(&config.postgres).await.ok();
-        }
-        let Some(c) = &client else { continue };
-        let rows = match c
-            .query(
-                "SELECT slot_name::text, \
-                        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
-                        pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = ANY ($1::text[])",
-                &[&slots],
-            )
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::debug!(error = %pg_error_text(&e), "slot monitor query failed");
-                continue;
-            }
-        };
-        for (peer, slot) in peers.iter().zip(&slots) {
-            let row = rows.iter().find(|r| r.get::<_, String>(0) == *slot);
-            match row {
-                Some(row) => {
-                    let retained: Option<i64> = row.get(1);
-                    let lag: Option<i64> = row.get(2);
-                    metrics
-                        .slot_retained_wal_bytes
-                        .with_label_values(&[peer])
-                        .set(retained.unwrap_or(0).max(0));
-                    metrics
-                        .lag_bytes
-                        .with_label_values(&[peer])
-                        .set(lag.unwrap_or(0).max(0));
-                    missing_logged.retain(|s| s != slot);
-                }
-                None if !missing_logged.contains(slot) => {
-                    tracing::error!(
-                        %slot,
-                        %peer,
-                        "replication slot is missing (dropped by hand?): changes made since \
-                         cannot be shipped to {peer}; a restart recreates the slot from the \
-                         current position, so re-synchronise {peer}'s tables first"
-                    );
-                    missing_logged.push(slot.clone());
-                }
-                None => {}
             }
         }
     }

@@ -60,15 +60,23 @@ impl Readiness {
 }
 
 /// The configured peers whose link is not up; a peer without a `pgmm_peer_up` series is one
-/// the replication side has not started for yet.
+/// the replication side has not started for yet. A peer whose slot is invalidated says so: its
+/// link cannot come back by itself.
 pub(crate) fn down_peers(config: &Config, registry: &Registry) -> Vec<String> {
     let gauges = PeerGauges::read(registry);
+    let invalidated = PeerGauges::invalidated_slots(registry);
     config
         .peers
         .iter()
         .filter_map(|peer| match gauges.up(&peer.name) {
             Some(true) => None,
-            Some(false) => Some(format!("peer {}: down", peer.name)),
+            Some(false) => Some(match invalidated.get(&peer.name) {
+                Some(reason) => format!(
+                    "peer {}: down, slot pgmm_{} invalidated ({reason})",
+                    peer.name, peer.name
+                ),
+                None => format!("peer {}: down", peer.name),
+            }),
             None => Some(format!("peer {}: replication not started", peer.name)),
         })
         .collect()

@@ -285,6 +285,7 @@ mod tests {
             lag_seconds: Some(lag),
             lag_bytes: Some(bytes),
             slot_retained_wal_bytes: Some(0),
+            slot_invalidated: None,
         }
     }
 

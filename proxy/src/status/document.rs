@@ -12,6 +12,7 @@ use prometheus::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::metrics::label;
 
 /// `GET /status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +36,11 @@ pub struct PeerStatus {
     pub lag_seconds: Option<f64>,
     pub lag_bytes: Option<i64>,
     pub slot_retained_wal_bytes: Option<i64>,
+    /// `pgmm_slot_invalidated`: why the peer's slot was invalidated (`wal_removed`, or 17+'s
+    /// `invalidation_reason`), `None` while it is usable or not read yet. An invalidated slot
+    /// never works again: the operator must drop and recreate it and re-synchronise the peer.
+    #[serde(default)]
+    pub slot_invalidated: Option<String>,
 }
 
 /// The per-peer gauges of a registry, by metric name and then peer.
@@ -58,6 +64,25 @@ impl PeerGauges {
         PeerGauges(gauges)
     }
 
+    /// The `reason` of each peer whose `pgmm_slot_invalidated` is 1.
+    pub(crate) fn invalidated_slots(registry: &Registry) -> HashMap<String, String> {
+        let mut slots = HashMap::new();
+        for family in registry.gather() {
+            if family.name() != "pgmm_slot_invalidated" {
+                continue;
+            }
+            for metric in family.get_metric() {
+                if metric.get_gauge().get_value() < 1.0 {
+                    continue;
+                }
+                if let Some(peer) = label(metric, "peer") {
+                    slots.insert(peer, label(metric, "reason").unwrap_or_default());
+                }
+            }
+        }
+        slots
+    }
+
     pub(crate) fn get(&self, metric: &str, peer: &str) -> Option<f64> {
         self.0.get(metric)?.get(peer).copied()
     }
@@ -72,6 +97,7 @@ impl NodeStatus {
     /// This node's status now.
     pub fn read(config: &Config, registry: &Registry, front_door_refusals: u64) -> NodeStatus {
         let gauges = PeerGauges::read(registry);
+        let mut invalidated = PeerGauges::invalidated_slots(registry);
         let peers = config
             .peers
             .iter()
@@ -86,6 +112,7 @@ impl NodeStatus {
                 slot_retained_wal_bytes: gauges
                     .get("pgmm_slot_retained_wal_bytes", &p.name)
                     .map(|v| v as i64),
+                slot_invalidated: invalidated.remove(&p.name),
             })
             .collect();
         NodeStatus {

@@ -34,8 +34,12 @@ pub(crate) fn table(report: &Report) -> String {
                 p.lag_seconds
                     .map_or_else(|| "-".to_owned(), |s| format!("{s:.3} s")),
                 p.lag_bytes.map_or_else(|| "-".to_owned(), bytes),
-                p.slot_retained_wal_bytes
-                    .map_or_else(|| "-".to_owned(), bytes),
+                match &p.slot_invalidated {
+                    Some(reason) => format!("LOST ({reason})"),
+                    None => p
+                        .slot_retained_wal_bytes
+                        .map_or_else(|| "-".to_owned(), bytes),
+                },
             ]);
         }
         let mut widths = [0usize; 6];
@@ -56,6 +60,18 @@ pub(crate) fn table(report: &Report) -> String {
             }
             out.push_str(line.trim_end());
             out.push('\n');
+        }
+        for p in &report.peers {
+            if let Some(reason) = &p.slot_invalidated {
+                let _ = write!(
+                    out,
+                    "\nSLOT INVALIDATED: slot pgmm_{peer} of peer {peer} was invalidated ({reason}): \
+                     this node's changes can no longer reach {peer}. Drop the slot here \
+                     (SELECT pg_drop_replication_slot('pgmm_{peer}')), restart pgmm on this node \
+                     to recreate it, then re-synchronise {peer}'s tables from this node.\n",
+                    peer = p.name
+                );
+            }
         }
     }
     out.push('\n');

@@ -18,6 +18,7 @@ fn report() -> Report {
                 lag_seconds: Some(0.0125),
                 lag_bytes: Some(0),
                 slot_retained_wal_bytes: Some(24 * 1024),
+                slot_invalidated: None,
             },
             PeerStatus {
                 name: "charlie".into(),
@@ -26,6 +27,7 @@ fn report() -> Report {
                 lag_seconds: None,
                 lag_bytes: None,
                 slot_retained_wal_bytes: None,
+                slot_invalidated: None,
             },
         ],
         conflicts_last_hour: Some(Conflicts {
@@ -64,6 +66,41 @@ fn the_table_names_every_peer_with_its_link_and_aligns_the_columns() {
         text.contains("conflicts in the last hour: 3 (insert_exists 2, ownership_violation 1)\n")
     );
     assert!(text.contains("ownership refusals in the last hour: 4 at the front door, 1 at apply\n"));
+}
+
+#[test]
+fn an_invalidated_slot_is_shown_lost_with_what_to_do() {
+    let mut r = report();
+    r.peers[1].up = false;
+    r.peers[1].slot_retained_wal_bytes = Some(0);
+    r.peers[1].slot_invalidated = Some("wal_removed".into());
+    let text = table(&r);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("charlie ") && l.ends_with("LOST (wal_removed)")),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "SLOT INVALIDATED: slot pgmm_charlie of peer charlie was invalidated (wal_removed)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("SELECT pg_drop_replication_slot('pgmm_charlie')"),
+        "{text}"
+    );
+    assert!(!text.contains("pgmm_b of peer b"), "{text}");
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(
+        json.contains("\"slot_invalidated\":\"wal_removed\""),
+        "{json}"
+    );
+    // A document from a pgmm that predates the field still reads.
+    let old = json.replace(",\"slot_invalidated\":null", "");
+    let old = old.replace(",\"slot_invalidated\":\"wal_removed\"", "");
+    assert!(!old.contains("slot_invalidated"), "{old}");
+    assert!(serde_json::from_str::<Report>(&old).is_ok());
 }
 
 #[test]
