@@ -124,6 +124,14 @@ fn install_at(bindir: &Path) -> &'static Install {
     })
 }
 
+/// The harness's default server binaries (psql and pgbench included; a cluster may ask for others
+/// with [`PgOptions::bindir`]): `$PG_BINDIR` when it holds
+/// `initdb` and `postgres`, else `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`, then
+/// `PATH`. CI runs the suites once per PostgreSQL major by setting `$PG_BINDIR`.
+pub fn pg_bindir() -> &'static Path {
+    &install().bindir
+}
+
 fn find_bindir() -> Option<PathBuf> {
     let complete = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     let mut candidates: Vec<PathBuf> = Vec::new();
