@@ -132,6 +132,17 @@ pub fn pg_bindir() -> &'static Path {
     &install().bindir
 }
 
+/// The major version of those binaries: 15 for "postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)".
+pub fn pg_major() -> u32 {
+    let version = &install().version;
+    version
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .unwrap_or_else(|| panic!("no major version in `postgres --version`: {version:?}"))
+}
+
 fn find_bindir() -> Option<PathBuf> {
     let complete = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     let mut candidates: Vec<PathBuf> = Vec::new();
