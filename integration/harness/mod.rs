@@ -24,7 +24,9 @@ pub use cluster::{ClusterOptions, Db, NodeOverride, TestCluster};
 #[allow(unused_imports)]
 pub use pgmm::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions, PgmmPorts, StartFailure};
 #[allow(unused_imports)]
-pub use postgres::{bindir_of_major, PgCluster, PgOptions, MD5_USER, SCRAM_USER};
+pub use postgres::{
+    bindir_of_major, pg_bindir, pg_major, PgCluster, PgOptions, MD5_USER, SCRAM_USER,
+};
 
 /// A TCP port that was free a moment ago. Callers that bind it later retry on "address in use", since
 /// another test may have been handed the same port in between.

@@ -124,6 +124,25 @@ fn install_at(bindir: &Path) -> &'static Install {
     })
 }
 
+/// The harness's default server binaries (psql and pgbench included; a cluster may ask for others
+/// with [`PgOptions::bindir`]): `$PG_BINDIR` when it holds
+/// `initdb` and `postgres`, else `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`, then
+/// `PATH`. CI runs the suites once per PostgreSQL major by setting `$PG_BINDIR`.
+pub fn pg_bindir() -> &'static Path {
+    &install().bindir
+}
+
+/// The major version of those binaries: 15 for "postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)".
+pub fn pg_major() -> u32 {
+    let version = &install().version;
+    version
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .unwrap_or_else(|| panic!("no major version in `postgres --version`: {version:?}"))
+}
+
 fn find_bindir() -> Option<PathBuf> {
     let complete = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     let mut candidates: Vec<PathBuf> = Vec::new();

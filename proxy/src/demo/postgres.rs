@@ -99,10 +99,13 @@ impl Server {
     }
 }
 
-/// Where to look, best first: `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`, then
-/// each `PATH` entry.
+/// Where to look, best first: `$PG_BINDIR` (what the tests and CI use to pick a major version),
+/// `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`, then each `PATH` entry.
 fn candidate_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        dirs.push(PathBuf::from(dir));
+    }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         if out.status.success() {
             dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
