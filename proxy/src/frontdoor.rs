@@ -34,7 +34,7 @@ const CLASSIFIER_CACHE: usize = 4096;
 
 /// Large statements parsed at once, off the relay threads (each can hold hundreds of MB while
 /// it is parsed); sessions with more wait their turn, the others are not affected.
-const LARGE_PARSES: usize = 2;
+const LARGE_PARSES: usize = 1;
 
 #[derive(Debug, Error)]
 pub enum FrontDoorError {
