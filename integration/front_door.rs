@@ -1117,7 +1117,6 @@ async fn deep_statements_are_answered_and_do_not_crash_the_node() {
 /// while pgmm parsed on the thread that relays every session). pgmm's peak RSS stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_statement_does_not_stall_other_sessions() {
-    let _heavy = harness::heavy_lock();
     let pg = PgCluster::start();
     let pgmm = start(&pg);
     let conninfo = pgmm.conninfo("postgres", "postgres");
