@@ -25,6 +25,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::Token;
 
+use crate::config::DEFAULT_MAX_PARSE_DEPTH;
 use crate::table::TableName;
 
 /// Statement texts longer than this are classified but not cached: long texts are usually
@@ -78,6 +79,8 @@ pub struct Classification {
     pub parsed: bool,
     /// The literal values of each top-level `INSERT ... VALUES`, for row-ownership checks.
     pub inserted: Vec<InsertedRows>,
+    /// Not parsed because it nests deeper than the parser's recursion limit.
+    pub too_deep: bool,
 }
 
 /// What an `INSERT INTO t (columns) VALUES (...), ...` writes, as far as literals tell.
@@ -101,11 +104,37 @@ pub enum InsertedValue {
     Other,
 }
 
+/// Stack the parse of a text may need, per byte of text, beyond what the parser itself
+/// allocates on the heap. sqlparser grows its own stack as it recurses (its
+/// `recursive-protection` feature) and pgmm's walk recurses only into nested queries, which the
+/// recursion limit bounds; but a left-associative chain (`1+1+...`, `x::t::t...`, `a AND a ...`)
+/// is parsed by a loop into a tree as deep as the chain is long, and the drop of that tree is
+/// recursive. Measured on a debug build (the larger frames): 66 bytes of stack per level, and a
+/// level costs at least two bytes of text (`+1`), so 33 bytes per byte; this doubles it (again
+/// for a hypothetical one-byte level).
+const STACK_PER_BYTE: usize = 128;
+
+/// Stack kept free beyond [`STACK_PER_BYTE`] for everything else the parse calls.
+const STACK_BASE: usize = 256 * 1024;
+
 impl Classification {
-    /// Classifies `sql` without the cache.
+    /// Classifies `sql` without the cache, with the default recursion limit.
     pub fn of(sql: &str) -> Self {
+        Self::with_depth(sql, DEFAULT_MAX_PARSE_DEPTH)
+    }
+
+    /// Classifies `sql` without the cache, with sqlparser's recursion limit `max_depth`.
+    ///
+    /// Runs on a stack known to fit the parse: where the current thread has less left than the
+    /// text can need, on a fresh one of that size (`stacker`), so no text overflows a stack.
+    pub fn with_depth(sql: &str, max_depth: usize) -> Self {
+        let need = sql.len().saturating_mul(STACK_PER_BYTE) + STACK_BASE;
+        stacker::maybe_grow(need, need, || Self::of_on_this_stack(sql, max_depth))
+    }
+
+    fn of_on_this_stack(sql: &str, max_depth: usize) -> Self {
         let mut walk = Walk::default();
-        match walk.parse(sql) {
+        match walk.parse(sql, max_depth) {
             Ok(()) => {
                 let mut written = walk.written;
                 written.sort_unstable();
@@ -115,13 +144,15 @@ impl Classification {
                     written,
                     parsed: true,
                     inserted: walk.inserted,
+                    too_deep: false,
                 }
             }
-            Err(_) => Self {
+            Err(e) => Self {
                 kind: QueryKind::Other,
                 written: Vec::new(),
                 parsed: false,
                 inserted: Vec::new(),
+                too_deep: matches!(e, ParserError::RecursionLimitExceeded),
             },
         }
     }
@@ -166,6 +197,28 @@ pub fn quick_kind(sql: &str) -> Option<QueryKind> {
         return Some(QueryKind::Other);
     }
     None
+}
+
+/// The kind of a statement that is not parsed (past the front door's limits), for the queries
+/// metric: [`quick_kind`] where it answers, else by the first keyword alone.
+pub fn first_keyword_kind(sql: &str) -> QueryKind {
+    if let Some(kind) = quick_kind(sql) {
+        return kind;
+    }
+    let text = skip_space_and_comments(sql);
+    let word_len = text.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &text[..word_len];
+    let is = |k: &str| word.eq_ignore_ascii_case(k);
+    if ["create", "alter", "drop", "comment", "grant", "revoke"]
+        .into_iter()
+        .any(is)
+    {
+        QueryKind::Ddl
+    } else if ["with", "values", "table", "show"].into_iter().any(is) {
+        QueryKind::Read
+    } else {
+        QueryKind::Other
+    }
 }
 
 /// Whether `needle` (lower-case ASCII) occurs in `haystack` in any ASCII case, without the
@@ -214,13 +267,26 @@ fn skip_space_and_comments(mut sql: &str) -> &str {
 /// A classifier with a bounded LRU cache keyed by statement text, shared by all sessions.
 pub struct Classifier {
     cache: Mutex<LruCache<Box<str>, Arc<Classification>>>,
+    /// The parser's recursion limit (`[client] max_parse_depth`).
+    max_depth: usize,
 }
 
 impl Classifier {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             cache: Mutex::new(LruCache::new(capacity)),
+            max_depth: DEFAULT_MAX_PARSE_DEPTH,
         }
+    }
+
+    /// This classifier with the parser's recursion limit `max_depth`.
+    pub fn with_max_depth(mut self, max_depth: usize) -> Self {
+        self.max_depth = max_depth;
+        self
+    }
+
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
     }
 
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
@@ -231,7 +297,7 @@ impl Classifier {
             }
         }
         // Parse outside the lock: a miss must not stall the other sessions' hits.
-        let classification = Arc::new(Classification::of(sql));
+        let classification = Arc::new(Classification::with_depth(sql, self.max_depth));
         if cacheable {
             self.lock().put(sql.into(), Arc::clone(&classification));
         }
@@ -272,9 +338,11 @@ impl Walk {
     /// `Parser::parse_sql`, walking each statement, with one addition: a statement may be
     /// `TABLE name` (short for `SELECT * FROM name`), which sqlparser 0.63 accepts only inside a
     /// query, and even there swallows the two tokens after the name (`TABLE t; SELECT 1`).
-    fn parse(&mut self, sql: &str) -> Result<(), ParserError> {
+    fn parse(&mut self, sql: &str, max_depth: usize) -> Result<(), ParserError> {
         let dialect = PostgreSqlDialect {};
-        let mut parser = Parser::new(&dialect).try_with_sql(sql)?;
+        let mut parser = Parser::new(&dialect)
+            .with_recursion_limit(max_depth)
+            .try_with_sql(sql)?;
         loop {
             while parser.consume_token(&Token::SemiColon) {}
             if parser.peek_token_ref().token == Token::EOF {
@@ -1081,6 +1149,7 @@ mod tests {
                     written: vec![],
                     parsed: false,
                     inserted: vec![],
+                    too_deep: false,
                 },
                 "{sql}"
             );
@@ -1102,6 +1171,57 @@ mod tests {
             "INSERT INTO t VALUES (1) ON CONFLICT (a) WHERE a > 0 DO NOTHING",
         ] {
             assert!(!Classification::of(sql).parsed, "{sql} now parses");
+        }
+    }
+
+    /// `1+1+...` is parsed by a loop, not recursion, into a tree as deep as the chain: its drop
+    /// used to overflow the stack and abort the process. A thread with tokio's 2 MiB stack
+    /// classifies such texts of every length up to 1 MiB.
+    #[test]
+    fn deep_chains_do_not_overflow_a_small_stack() {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                for (n, chain) in [(300_000, "+1"), (150_000, "::t"), (100_000, " AND a")] {
+                    let sql = format!("with x as (select 1) select 1{}", chain.repeat(n));
+                    assert_eq!(Classification::of(&sql).kind, QueryKind::Read);
+                }
+                let sql = format!("select * from b.t where {}", "a = 1 or ".repeat(100_000));
+                assert!(!Classification::of(&sql).parsed);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn nesting_past_the_recursion_limit_is_too_deep() {
+        let nested = |n: usize| format!("select {}1{}", "(".repeat(n), ")".repeat(n));
+        let c = Classification::with_depth(&nested(90), 200);
+        assert!(c.parsed && !c.too_deep);
+        let c = Classification::with_depth(&nested(90), 50);
+        assert!(!c.parsed && c.too_deep);
+        let deep = format!(
+            "select 1 from {}t{}",
+            "(select * from ".repeat(300),
+            ")".repeat(300)
+        );
+        let c = Classification::with_depth(&deep, 200);
+        assert!(!c.parsed && c.too_deep);
+        assert!(!Classification::of("SELEC 1").too_deep);
+    }
+
+    #[test]
+    fn first_keyword_kinds() {
+        for (sql, kind) in [
+            ("select 1", QueryKind::Read),
+            (" WITH x AS (select 1) select 2", QueryKind::Read),
+            ("insert into t values (1)", QueryKind::Write),
+            ("/* c */ CREATE TABLE t (a int)", QueryKind::Ddl),
+            ("select 1 into t", QueryKind::Other),
+            ("vacuum", QueryKind::Other),
+        ] {
+            assert_eq!(first_keyword_kind(sql), kind, "{sql}");
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,10 @@ use crate::tls::{self, TlsError};
 /// Statements whose classification is remembered; enough for any application's working set
 /// of distinct statement texts, small enough (a few MB) to never matter.
 const CLASSIFIER_CACHE: usize = 4096;
+
+/// Large statements parsed at once, off the relay threads (each can hold hundreds of MB while
+/// it is parsed); sessions with more wait their turn, the others are not affected.
+const LARGE_PARSES: usize = 1;
 
 #[derive(Debug, Error)]
 pub enum FrontDoorError {
@@ -102,6 +106,10 @@ pub struct FrontDoor {
     pub ownership: Ownership,
     pub metrics: FrontDoorMetrics,
     pub startup_timeout: Duration,
+    /// `[client] max_parse_bytes`: longer statements are not parsed.
+    pub max_parse_bytes: usize,
+    /// Parses running off the relay threads; bounds the memory large parses hold at once.
+    pub large_parses: Arc<Semaphore>,
     /// Signalled when a session runs DDL, so that enrolment looks for new tables at once
     /// instead of at its next period.
     pub ddl_seen: Arc<Notify>,
@@ -126,7 +134,10 @@ impl FrontDoor {
         Ok(Self {
             backend: BackendAddr::from_config(config),
             tls,
-            classifier: Classifier::new(NonZeroUsize::new(CLASSIFIER_CACHE).expect("non-zero")),
+            classifier: Classifier::new(NonZeroUsize::new(CLASSIFIER_CACHE).expect("non-zero"))
+                .with_max_depth(config.client.max_parse_depth),
+            max_parse_bytes: config.client.max_parse_bytes,
+            large_parses: Arc::new(Semaphore::new(LARGE_PARSES)),
             ownership: Ownership::new(&config.node.name, table_owners)
                 .with_rows(OwnerRules::from_config(config)),
             metrics,

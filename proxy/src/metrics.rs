@@ -46,6 +46,9 @@ pub struct FrontDoorMetrics {
     queries: [IntCounter; 4],
     pub ownership_rejections: IntCounterVec,
     pub protocol_errors: IntCounterVec,
+    /// Statements forwarded without a parse, by reason: `size` (over `[client]
+    /// max_parse_bytes`) or `depth` (over `max_parse_depth`).
+    pub unparsed: IntCounterVec,
 }
 
 impl FrontDoorMetrics {
@@ -75,6 +78,18 @@ impl FrontDoorMetrics {
             ),
             &["reason"],
         )?;
+        let unparsed = IntCounterVec::new(
+            Opts::new(
+                "pgmm_client_unparsed_total",
+                "Statements forwarded to Postgres without a parse at the front door, because \
+                 they are longer (size) or nest deeper (depth) than the [client] limits.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(unparsed.clone()))?;
+        for reason in ["size", "depth"] {
+            unparsed.with_label_values(&[reason]);
+        }
         registry.register(Box::new(client_connections.clone()))?;
         registry.register(Box::new(queries_vec.clone()))?;
         registry.register(Box::new(ownership_rejections.clone()))?;
@@ -94,6 +109,7 @@ impl FrontDoorMetrics {
             queries,
             ownership_rejections,
             protocol_errors,
+            unparsed,
         })
     }
 

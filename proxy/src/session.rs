@@ -17,7 +17,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::classify::{self, QueryKind};
+use crate::classify::{self, Classification, QueryKind};
 use crate::frontdoor::FrontDoor;
 use crate::ownership::BoundCheck;
 use crate::refusal::{self, Pending, ResponseFilter};
@@ -294,7 +294,8 @@ where
                 }
                 b'Q' | b'P' => {
                     let body = &buf[pos + 5..pos + total];
-                    if let Some(refusal) = inspect(door, h.kind, body) {
+                    let inspected = inspect(door, h.kind, body).await;
+                    if let Some(refusal) = inspected.refusal {
                         modified = true;
                         out.extend_from_slice(&buf[run_start..pos]);
                         let sql = refusal::raise_sql("42501", &refusal);
@@ -316,7 +317,7 @@ where
                         if h.kind == b'Q' {
                             cycles_sent += 1;
                         } else if door.ownership.has_row_rules() {
-                            track_bound(door, body, &mut bound);
+                            track_bound(door, body, inspected.class.as_deref(), &mut bound);
                         }
                         pos += total;
                     }
@@ -382,16 +383,18 @@ where
     }
 }
 
-/// Remembers (or forgets) the owner parameters of the statement a Parse prepares.
-fn track_bound(door: &FrontDoor, body: &[u8], bound: &mut HashMap<String, Arc<[BoundCheck]>>) {
-    let Some((name, sql)) = wire::parse_text(body) else {
+/// Remembers (or forgets) the owner parameters of the statement a Parse prepares, given its
+/// classification when it may write a table owned elsewhere and was parsed.
+fn track_bound(
+    door: &FrontDoor,
+    body: &[u8],
+    class: Option<&Classification>,
+    bound: &mut HashMap<String, Arc<[BoundCheck]>>,
+) {
+    let Some((name, _)) = wire::parse_text(body) else {
         return;
     };
-    let checks = if door.ownership.may_write_foreign(sql) {
-        door.ownership.bound_checks(&door.classifier.classify(sql))
-    } else {
-        Vec::new()
-    };
+    let checks = class.map_or_else(Vec::new, |c| door.ownership.bound_checks(c));
     if checks.is_empty() {
         bound.remove(name);
     } else {
@@ -429,13 +432,29 @@ fn count(door: &FrontDoor, kind: QueryKind) {
     }
 }
 
-/// Classifies a Query or Parse and returns the refusal message if this node may not run it.
-fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
+/// What inspecting a Query or Parse found.
+#[derive(Default)]
+struct Inspected {
+    /// The refusal message, if this node may not run the statement.
+    refusal: Option<String>,
+    /// The classification, when the statement may write a table owned elsewhere and was parsed.
+    class: Option<Arc<Classification>>,
+}
+
+/// Classifies a Query or Parse and finds whether this node may run it.
+async fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Inspected {
     let sql = if kind == b'Q' {
-        wire::query_text(body)?
+        wire::query_text(body)
     } else {
-        wire::parse_text(body)?.1
+        wire::parse_text(body).map(|(_, sql)| sql)
     };
+    let Some(sql) = sql else {
+        return Inspected::default();
+    };
+    // Past the size limit nothing else is worth scanning for: the statement goes unparsed.
+    if sql.len() > door.max_parse_bytes {
+        return unparsed(door, sql, "size");
+    }
     // A statement that cannot name a table owned elsewhere needs no table list: its first
     // keyword is enough for the metric, and the parse (the front door's main CPU cost for
     // simple-protocol clients, whose texts rarely repeat) is skipped.
@@ -443,15 +462,64 @@ fn inspect(door: &FrontDoor, kind: u8, body: &[u8]) -> Option<String> {
     if !may_write_foreign {
         if let Some(kind) = classify::quick_kind(sql) {
             count(door, kind);
-            return None;
+            return Inspected::default();
         }
     }
-    let class = door.classifier.classify(sql);
+    let Some(class) = parse(door, sql).await else {
+        return unparsed(door, sql, "depth");
+    };
     count(door, class.kind);
-    if class.written.is_empty() || !may_write_foreign {
-        return None;
+    if !may_write_foreign {
+        return Inspected::default();
     }
-    door.ownership.check(&class).err().map(|e| refused(door, e))
+    let refusal = if class.written.is_empty() {
+        None
+    } else {
+        door.ownership.check(&class).err().map(|e| refused(door, e))
+    };
+    Inspected {
+        refusal,
+        class: Some(class),
+    }
+}
+
+/// Statements up to this long are parsed on the relay thread (a cache hit, or well under a
+/// millisecond); longer ones on tokio's blocking pool, so that a parse taking long (seconds for
+/// a megabyte of select items) holds up only its own session.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// Parses `sql` (no longer than `max_parse_bytes`); `None` when it nests past the recursion
+/// limit. Any text is safe to parse on any thread: [`Classification::with_depth`] runs on a
+/// stack sized for the text.
+async fn parse(door: &FrontDoor, sql: &str) -> Option<Arc<Classification>> {
+    let class = if sql.len() <= INLINE_PARSE_BYTES {
+        door.classifier.classify(sql)
+    } else {
+        // Longer than the classifier caches anyway. The semaphore is never closed.
+        let permit = Arc::clone(&door.large_parses).acquire_owned().await.ok();
+        let sql = sql.to_owned();
+        let max_depth = door.classifier.max_depth();
+        let parsed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            Classification::with_depth(&sql, max_depth)
+        })
+        .await;
+        match parsed {
+            Ok(class) => Arc::new(class),
+            Err(e) => {
+                tracing::warn!(error = %e, "statement parse failed; forwarding it unparsed");
+                return None;
+            }
+        }
+    };
+    (!class.too_deep).then_some(class)
+}
+
+/// Counts a statement forwarded without a parse, classifying it by its first keyword.
+fn unparsed(door: &FrontDoor, sql: &str, reason: &str) -> Inspected {
+    door.metrics.unparsed.with_label_values(&[reason]).inc();
+    count(door, classify::first_keyword_kind(sql));
+    Inspected::default()
 }
 
 /// Relays server messages; only while a refusal is pending does it look at them one by one.

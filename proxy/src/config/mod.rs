@@ -17,6 +17,12 @@ use crate::table::TableName;
 
 /// Default seconds a SIGTERM waits for client sessions before the process exits anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Statements longer than this (bytes) are not parsed at the front door; see `[client]`.
+pub const DEFAULT_MAX_PARSE_BYTES: usize = 1 << 20;
+/// sqlparser's recursion limit for front-door parses (its own default is 50, about 20 nested
+/// subqueries; 200 allows about 100 nested parentheses). The parser grows its stack on the heap
+/// as it recurses, so this bounds work, not stack use.
+pub const DEFAULT_MAX_PARSE_DEPTH: usize = 200;
 /// Default size of pgmm's own pool of connections to the local Postgres (apply, bookkeeping).
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default LWW column, the design's `updated_at`.
@@ -85,6 +91,10 @@ pub struct ClientConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub shutdown_grace_seconds: u64,
+    /// Query and Parse texts longer than this many bytes are forwarded unparsed (at least 1).
+    pub max_parse_bytes: usize,
+    /// The parser's recursion limit; a deeper text is forwarded unparsed (at least 1).
+    pub max_parse_depth: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use super::{
     postgres_host_port, ClientConfig, ClusterConfig, Config, ConfigError, MetricsConfig,
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
     ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS,
-    DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_SECONDS,
-    DEFAULT_TOMBSTONE_RETENTION_HOURS,
+    DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_TOMBSTONE_RETENTION_HOURS,
 };
 use crate::table::TableName;
 
@@ -60,6 +60,8 @@ struct RawClient {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     shutdown_grace_seconds: Option<u64>,
+    max_parse_bytes: Option<Spanned<usize>>,
+    max_parse_depth: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -269,7 +271,24 @@ fn check_cluster_nodes(
 fn check_client(src: &Source<'_>, raw: RawClient) -> Result<ClientConfig, ConfigError> {
     let listen = check_listen(src, "client.listen", &raw.listen)?;
     let (tls_cert, tls_key) = check_tls_pair(src, "client", raw.tls_cert, raw.tls_key)?;
+    let at_least_one = |v: Option<Spanned<usize>>, key: &str, default: usize| match v {
+        Some(v) if *v.get_ref() == 0 => Err(src.invalid(&v.span(), key, "must be at least 1")),
+        Some(v) => Ok(v.into_inner()),
+        None => Ok(default),
+    };
+    let max_parse_bytes = at_least_one(
+        raw.max_parse_bytes,
+        "client.max_parse_bytes",
+        DEFAULT_MAX_PARSE_BYTES,
+    )?;
+    let max_parse_depth = at_least_one(
+        raw.max_parse_depth,
+        "client.max_parse_depth",
+        DEFAULT_MAX_PARSE_DEPTH,
+    )?;
     Ok(ClientConfig {
+        max_parse_bytes,
+        max_parse_depth,
         listen,
         tls_cert,
         tls_key,
