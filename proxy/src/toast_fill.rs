@@ -30,8 +30,9 @@ use crate::pgoutput::Datum;
 /// Rows looked up per query: one query of `UNION ALL` branches, each an index lookup.
 const ROWS_PER_QUERY: usize = 100;
 
-/// Why filling failed: the local connection broke, so the transaction cannot be shipped as it
-/// must be; the shipper reconnects and reads it again.
+/// Why filling failed (the local connection broke, or the server failed the read for another
+/// reason than a missing table or column), so the transaction cannot be shipped as it must be;
+/// the shipper reconnects and reads it again.
 #[derive(Debug, thiserror::Error)]
 #[error("reading unchanged TOAST values from the local table: {0}")]
 pub struct FillError(#[source] pub tokio_postgres::Error);
@@ -77,7 +78,11 @@ pub async fn fill(client: &Client, set: &mut ChangeSet) -> Result<(), FillError>
         let sql = lookup_sql(set, chunk);
         let messages = match client.simple_query(&sql).await {
             Ok(m) => m,
-            Err(e) if client.is_closed() || e.code().is_none() => return Err(FillError(e)),
+            // Only a table or column that is gone (or not readable) leaves the markers; any
+            // other failure is retried with the transaction, never shipped unfilled.
+            Err(e) if !e.code().is_some_and(|c| c.code().starts_with("42")) => {
+                return Err(FillError(e))
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "unchanged TOAST values could not be read; shipping the markers");
                 continue;
