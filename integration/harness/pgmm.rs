@@ -112,6 +112,9 @@ impl StartFailure {
 }
 
 /// A running `pgmm serve`; dropping it kills the process (and prints its log if the test failed).
+/// The line the harness writes into a node's log before restarting it.
+const RESTART_MARK: &str = "---- restarted by the test harness ----";
+
 pub struct Pgmm {
     child: Child,
     exit: Option<ExitStatus>,
@@ -219,7 +222,15 @@ impl Pgmm {
             if let Some(status) = self.child.try_wait().expect("try_wait pgmm") {
                 return Some(Err(status));
             }
-            let client = TcpStream::connect(("127.0.0.1", client_port)).is_ok();
+            // The port answering is not enough: another test's process may hold it (pgmm then
+            // fails to bind and exits), so pgmm must also have said it listens.
+            // Only this run's part of the log counts (a restart appends to it).
+            let client = TcpStream::connect(("127.0.0.1", client_port)).is_ok() && {
+                let log = self.log();
+                log.rsplit(RESTART_MARK)
+                    .next()
+                    .is_some_and(|run| run.contains("front door listening"))
+            };
             let health = http_get(metrics_port, "/healthz").is_some_and(|(code, _)| code == 200);
             (client && health).then_some(Ok(()))
         });
@@ -260,7 +271,7 @@ impl Pgmm {
         for attempt in 1..=ATTEMPTS {
             let log_path = self.dir.path().join("pgmm.log");
             if let Ok(mut log) = fs::OpenOptions::new().append(true).open(&log_path) {
-                let _ = writeln!(log, "---- restarted by the test harness ----");
+                let _ = writeln!(log, "{RESTART_MARK}");
             }
             self.child = spawn_serve(&self.config_path(), &log_path);
             self.exit = None;
