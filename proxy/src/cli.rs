@@ -1,19 +1,12 @@
-//! The `pgmm` command line: parsing, and the commands that drive the library.
+//! The `pgmm` command line: its clap types, the log filter per command, and the dispatch to
+//! [`crate::commands`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use thiserror::Error;
-use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Admin};
-use crate::config::{Config, ConfigError};
-use crate::frontdoor::{self, FrontDoor, FrontDoorError};
-use crate::metrics::{self, FrontDoorMetrics, MetricsError};
-use crate::node::{NodeError, ReplicationNode};
+use crate::commands;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,32 +57,6 @@ pub enum Command {
     },
 }
 
-/// Why `serve` could not start or stopped abnormally.
-#[derive(Debug, Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    FrontDoor(#[from] FrontDoorError),
-    #[error(transparent)]
-    Metrics(#[from] MetricsError),
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error("cannot install the signal handler: {0}")]
-    Signal(std::io::Error),
-}
-
-impl ServeError {
-    pub fn sqlstate(&self) -> String {
-        match self {
-            ServeError::Config(e) => e.sqlstate().into(),
-            ServeError::FrontDoor(e) => e.sqlstate().into(),
-            ServeError::Metrics(e) => e.sqlstate().into(),
-            ServeError::Node(e) => e.sqlstate(),
-            ServeError::Signal(_) => "58000".into(),
-        }
-    }
-}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -99,53 +66,18 @@ pub fn main() -> ExitCode {
     // that stays down shows in the demo's own output (`--workload`, /readyz).
     init_tracing(match cli.command {
         Command::Demo { .. } => {
-            "warn,pgmm::capture=error,pgmm::peer=error,pgmm::apply::receiver=error"
+            "warn,pgmm::replication::capture=error,pgmm::replication::peer=error,\
+             pgmm::replication::apply::receiver=error"
         }
         Command::Status { .. } => "warn",
         _ => "info",
     });
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => {
-                println!("{}", config.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Demo { nodes, workload } => crate::demo::main(nodes, workload),
-        Command::Status { config, json } => crate::status::cli_main(&config, json),
-        Command::Migrate { config } => crate::migrate::cli_main(&config),
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match config.node.threads() {
-                1 => tokio::runtime::Builder::new_current_thread(),
-                n => {
-                    let mut b = tokio::runtime::Builder::new_multi_thread();
-                    b.worker_threads(n);
-                    b
-                }
-            }
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-            match runtime.block_on(serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "pgmm stopped");
-                    eprintln!("pgmm: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::CheckConfig { file } => commands::check_config::main(&file),
+        Command::Demo { nodes, workload } => commands::demo::main(nodes, workload),
+        Command::Status { config, json } => commands::status::main(&config, json),
+        Command::Migrate { config } => commands::migrate::main(&config),
+        Command::Serve { config } => commands::serve::main(&config),
     }
 }
 
@@ -159,86 +91,3 @@ fn init_tracing(default_level: &str) {
         .init();
 }
 
-/// Runs a node until SIGTERM or SIGINT.
-pub async fn serve(config: Config) -> Result<(), ServeError> {
-    let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone())?;
-    let result = run_node(config, shutdown).await;
-    signals.abort();
-    result
-}
-
-/// Everything a node runs, stopped by `shutdown`; separate from signal handling so that a
-/// test can run several nodes in one process.
-pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let registry = Arc::new(metrics::new_registry()?);
-    let door_metrics = FrontDoorMetrics::register(&registry)?;
-    let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
-    // Metrics first: while the node waits for its Postgres, /healthz shows the process is up
-    // (and /readyz says what it waits for).
-    let metrics_task = match &config.metrics {
-        Some(m) => {
-            let listener = metrics::bind(&m.listen).await?;
-            let admin = Admin {
-                config: Arc::new(config.clone()),
-                registry: registry.clone(),
-                refusals: door.refusals.clone(),
-            };
-            Some(tokio::spawn(admin::serve(
-                listener,
-                admin,
-                shutdown.clone(),
-            )))
-        }
-        None => None,
-    };
-    // Schema, publication and slots exist before the first client gets in, so every write
-    // made through pgmm is captured.
-    let replication =
-        match ReplicationNode::start(&config, &registry, door.ddl_seen.clone(), shutdown.clone())
-            .await
-        {
-            Ok(node) => node,
-            Err(NodeError::Cancelled) => {
-                if let Some(task) = metrics_task {
-                    let _ = task.await;
-                }
-                return Ok(());
-            }
-            Err(e) => {
-                shutdown.cancel();
-                return Err(e.into());
-            }
-        };
-    let listener = match frontdoor::bind(&config.client.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            shutdown.cancel();
-            replication.join().await;
-            return Err(e.into());
-        }
-    };
-    tracing::info!(node = %config.node.name, cluster = %config.cluster.name, "pgmm started");
-    let grace = Duration::from_secs(config.client.shutdown_grace_seconds);
-    frontdoor::serve(door, listener, shutdown.clone(), grace).await;
-    shutdown.cancel();
-    replication.join().await;
-    if let Some(task) = metrics_task {
-        let _ = task.await;
-    }
-    tracing::info!("pgmm stopped");
-    Ok(())
-}
-
-fn watch_signals(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    Ok(tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        shutdown.cancel();
-    }))
-}

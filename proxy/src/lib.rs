@@ -1,33 +1,46 @@
-//! pgmm: a multi-master replication proxy for PostgreSQL.
+//! pgmm: a multi-master replication proxy for PostgreSQL. Each node is one stock Postgres with
+//! one pgmm in front of it; this crate is that pgmm. The map (docs/ARCHITECTURE.md has a line
+//! per module, the data flow and the invariants):
 //!
-//! See `docs/ARCHITECTURE.md` for the map of the modules and the data flow.
+//! - [`cli`]: the command line (clap types, dispatch), called by `main.rs`.
+//! - [`commands`]: process glue for each subcommand (`serve`, `check-config`, `migrate`,
+//!   `status`, `demo`): config, runtime, exit codes.
+//! - [`node`]: a running node: starts the parts below in the order that loses no write, runs
+//!   its background tasks, stops them together.
+//! - The parts of a node:
+//!   - [`frontdoor`]: the client listener and the 1:1 session relay that refuses writes this
+//!     node does not own.
+//!   - [`replication`]: local changes read from a slot and shipped to every peer; the peers'
+//!     changes applied exactly once, conflicts resolved.
+//!   - [`schema`]: what pgmm installs in the local database (its schema, the publication, the
+//!     guard triggers).
+//!   - [`observe`]: metrics registry, `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - Shared by all of them: [`pg`] (connecting, error text, quoting, object names) and
+//!   [`config`] (the validated config file, table names, ownership rules).
+//!
+//! Dependencies point one way: `cli -> commands -> node -> {frontdoor, replication, schema,
+//! observe} -> {pg, config}`. Modules are private; what the integration tests drive directly is
+//! re-exported at the end.
 
-pub mod admin;
-pub mod apply;
-pub mod capture;
-pub mod changeset;
-pub mod classify;
-pub mod cli;
-pub mod config;
-pub mod demo;
-pub mod enrol;
-pub mod frontdoor;
-pub mod guard;
-pub mod last_hour;
-pub mod metrics;
-pub mod migrate;
-pub mod node;
-pub mod owners;
-pub mod ownership;
-pub mod peer;
-pub mod pgoutput;
-pub mod readiness;
-pub mod refusal;
-pub mod replication;
-pub mod session;
-pub mod slots;
-pub mod status;
-pub mod table;
-pub mod tls;
-pub mod toast_fill;
-pub mod wire;
+mod cli;
+mod commands;
+mod config;
+mod frontdoor;
+mod node;
+mod observe;
+mod pg;
+mod replication;
+mod schema;
+
+pub use cli::main;
+
+/// What the integration tests (`integration/`) call without going through the `pgmm` binary:
+/// the walsender client, the migrations and enrolment against a real Postgres, and the purge.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::config::table::TableName;
+    pub use crate::config::ReplicationConfig;
+    pub use crate::node::replication::purge_tombstones;
+    pub use crate::replication::slot as walsender;
+    pub use crate::schema::{enrol, migrate};
+}

@@ -5,6 +5,8 @@
 //! can trust a loaded [`Config`]. Every error names the offending key and its line, because the
 //! person reading it is an operator with the file open in an editor.
 
+pub mod owners;
+pub mod table;
 mod validate;
 
 #[cfg(test)]
@@ -13,7 +15,7 @@ mod tests;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::table::TableName;
+use crate::config::table::TableName;
 
 /// Default seconds a SIGTERM waits for client sessions before the process exits anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;

@@ -15,7 +15,7 @@ use super::{
     DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE,
     DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_TOMBSTONE_RETENTION_HOURS,
 };
-use crate::table::TableName;
+use crate::config::table::TableName;
 
 /// pgmm's own schema (conflicts, tombstones, schema version): per node, never replicated.
 pub(super) const PGMM_SCHEMA: &str = "pgmm";

@@ -1,0 +1,101 @@
+//! `GET /readyz`: whether this node can do its job right now, for load balancers and
+//! Kubernetes readiness probes (`/healthz` only says the process is alive).
+//!
+//! Ready means the local Postgres answers a query and every configured peer is linked
+//! (`pgmm_peer_up` = 1, kept by the shippers). A node without peers is ready when its Postgres
+//! answers. Not ready comes with a short reason naming everything that is down, because the
+//! person reading a failed probe wants to know where to look.
+
+use std::time::Duration;
+
+use prometheus::Registry;
+
+use crate::config::Config;
+use crate::observe::document::PeerGauges;
+
+/// How long the Postgres probe may take: probes are frequent and a slow answer is a bad one.
+const POSTGRES_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The outcome of one readiness check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Ready to serve clients, with these peers down (only when peers are not required).
+    ReadyWithout(Vec<String>),
+    /// What is down, one item per problem, e.g. `peer b: down`.
+    NotReady(Vec<String>),
+}
+
+impl Readiness {
+    /// Checks the local Postgres (a fresh `SELECT 1`, so a dead server is never hidden behind a
+    /// cached connection) and the peers' links.
+    /// With `require_peers` false, only the local Postgres decides; down peers are still
+    /// named (see [`Readiness::ReadyWithout`]).
+    pub async fn check(config: &Config, registry: &Registry, require_peers: bool) -> Readiness {
+        let mut down = Vec::new();
+        if let Err(why) = probe_postgres(config).await {
+            down.push(format!("postgres: {why}"));
+        }
+        let peers = down_peers(config, registry);
+        if !require_peers && down.is_empty() && !peers.is_empty() {
+            return Readiness::ReadyWithout(peers);
+        }
+        down.extend(peers);
+        if down.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::NotReady(down)
+        }
+    }
+
+    /// The plain-text body of the answer.
+    pub fn body(&self) -> String {
+        match self {
+            Readiness::Ready => "ready\n".to_owned(),
+            Readiness::ReadyWithout(down) => format!("ready; {}\n", down.join("; ")),
+            Readiness::NotReady(down) => format!("not ready: {}\n", down.join("; ")),
+        }
+    }
+}
+
+/// The configured peers whose link is not up; a peer without a `pgmm_peer_up` series is one
+/// the replication side has not started for yet. A peer whose slot is invalidated says so: its
+/// link cannot come back by itself.
+pub(crate) fn down_peers(config: &Config, registry: &Registry) -> Vec<String> {
+    let gauges = PeerGauges::read(registry);
+    let invalidated = PeerGauges::invalidated_slots(registry);
+    config
+        .peers
+        .iter()
+        .filter_map(|peer| match gauges.up(&peer.name) {
+            Some(true) => None,
+            Some(false) => Some(match invalidated.get(&peer.name) {
+                Some(reason) => format!(
+                    "peer {}: down, slot pgmm_{} invalidated ({reason})",
+                    peer.name, peer.name
+                ),
+                None => format!("peer {}: down", peer.name),
+            }),
+            None => Some(format!("peer {}: replication not started", peer.name)),
+        })
+        .collect()
+}
+
+async fn probe_postgres(config: &Config) -> Result<(), String> {
+    let probe = async {
+        let client = crate::pg::connect(&config.postgres)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| crate::pg::pg_error_text(&e))?;
+        Ok(())
+    };
+    match tokio::time::timeout(POSTGRES_PROBE_TIMEOUT, probe).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer to SELECT 1 within {POSTGRES_PROBE_TIMEOUT:?}"
+        )),
+    }
+}

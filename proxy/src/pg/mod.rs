@@ -1,0 +1,65 @@
+//! Postgres plumbing every part of pgmm shares: connecting to the local server, the text of a
+//! server error, quoting ([`quote`]) and the names pgmm gives its objects ([`names`]).
+
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::PostgresConfig;
+
+pub mod names;
+pub mod quote;
+
+/// The local Postgres did not accept a connection.
+#[derive(Debug, Error)]
+#[error("cannot connect to PostgreSQL at {host}:{port}: {}", pg_error_text(.source))]
+pub struct ConnectError {
+    pub host: String,
+    pub port: u16,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl ConnectError {
+    pub fn sqlstate(&self) -> &'static str {
+        "08006"
+    }
+}
+
+/// Connects to `[postgres] url` (without TLS; the local Postgres is reached over loopback or a
+/// Unix socket) and drives the connection on a spawned task.
+pub async fn connect(pg: &PostgresConfig) -> Result<Client, ConnectError> {
+    let (client, connection) = tokio_postgres::connect(&pg.url, NoTls)
+        .await
+        .map_err(|source| {
+            let (host, port) = pg.host_port();
+            ConnectError { host, port, source }
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %pg_error_text(&e), "connection to the local Postgres ended");
+        }
+    });
+    Ok(client)
+}
+
+/// tokio-postgres displays a server error as just "db error"; the operator needs the server's
+/// message, code, detail and hint.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+

@@ -1,0 +1,18 @@
+//! The names pgmm gives what it creates, shared by the parts that create them and the parts
+//! that use them (a slot is created by the node, read by capture, watched by the slot monitor).
+
+/// The replication origin (and slot) name pgmm uses for `node`.
+pub fn origin_name(node: &str) -> String {
+    format!("pgmm_{node}")
+}
+
+/// The publication every capture slot reads.
+pub const PUBLICATION: &str = "pgmm";
+
+/// The prefix of the logical message that the trigger writes just before each local UPDATE
+/// and DELETE: `<relation oid> <old stamp>` for an update, `<relation oid> <old stamp>
+/// <delete stamp>` for a delete, stamps in microseconds since 2000-01-01 UTC (`-` for NULL).
+/// pgoutput sends only the key of the old row, and apply needs the version a change replaced
+/// (to tell a conflict from an update made after seeing the local version) and a delete's
+/// stamp (to order it against other writes).
+pub const VERSION_MESSAGE_PREFIX: &str = "pgmm.version";

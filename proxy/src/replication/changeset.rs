@@ -1,0 +1,657 @@
+//! One committed transaction as it travels from the capturing node to its peers, and the
+//! assembler that builds it from a slot's pgoutput messages.
+//!
+//! A [`ChangeSet`] is self-contained: it names each table it touches and that table's columns,
+//! so the receiver needs no state from earlier transactions or from the sender's session (a
+//! pgoutput stream announces a table only once per session, and a transaction the sender skips
+//! may be the one that carried the announcement). Values stay in Postgres's text output form
+//! and are parsed by the receiving server itself, so no type needs to be known here.
+//! A column the change did not touch because its value is TOASTed out of line travels as
+//! [`Datum::UnchangedToast`], distinct from NULL, and the receiver leaves it alone.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::pg::names::VERSION_MESSAGE_PREFIX;
+use crate::replication::pgoutput::{Begin, Datum, Lsn, Message, Relation, RelationCache, Tuple};
+use crate::config::table::TableName;
+
+/// A table as the origin described it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDesc {
+    pub schema: String,
+    pub name: String,
+    /// Column names in the origin's attribute order: the order of every tuple's datums.
+    pub columns: Vec<String>,
+    /// Positions in `columns` of the primary key, in key order.
+    pub key: Vec<usize>,
+}
+
+impl TableDesc {
+    pub fn table_name(&self) -> TableName {
+        TableName::new(self.schema.clone(), self.name.clone())
+    }
+
+    fn from_relation(rel: &Relation) -> TableDesc {
+        TableDesc {
+            schema: rel.namespace.clone(),
+            name: rel.name.clone(),
+            columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
+            key: rel.key_positions().collect(),
+        }
+    }
+}
+
+/// One row change; `table` indexes [`ChangeSet::tables`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Insert {
+        table: u32,
+        new: Vec<Datum>,
+    },
+    Update {
+        table: u32,
+        /// The key before the update, in key order, when the update changed it; otherwise the
+        /// key is read from `new`.
+        old_key: Option<Vec<Datum>>,
+        new: Vec<Datum>,
+        /// The conflict column's value the update replaced, as announced by the origin's clock
+        /// trigger (see [`Stamps`]).
+        #[serde(default)]
+        old_stamp: Option<i64>,
+    },
+    Delete {
+        table: u32,
+        /// The deleted row's key, in key order.
+        key: Vec<Datum>,
+        /// The delete's stamp from the origin's clock trigger (see [`Stamps`]).
+        #[serde(default)]
+        deleted_at: Option<i64>,
+        /// The conflict column's value of the deleted row.
+        #[serde(default)]
+        old_stamp: Option<i64>,
+    },
+    Truncate {
+        tables: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+}
+
+impl Change {
+    /// Row changes a TRUNCATE stands for are unknown; it counts as one change.
+    pub fn tables(&self) -> impl Iterator<Item = u32> + '_ {
+        let (one, many): (Option<u32>, &[u32]) = match self {
+            Change::Insert { table, .. }
+            | Change::Update { table, .. }
+            | Change::Delete { table, .. } => (Some(*table), &[]),
+            Change::Truncate { tables, .. } => (None, tables),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+}
+
+/// The changes of one transaction, in the order they were made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSet {
+    pub tables: Vec<TableDesc>,
+    pub changes: Vec<Change>,
+}
+
+impl ChangeSet {
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// A whole transaction read from the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedTx {
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// End of the commit record: the position a peer's replication origin records once applied.
+    pub end_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+    /// The replication origin that made the transaction, when it was applied from a peer.
+    /// Such a transaction is never shipped (that would echo it back), so its changes are
+    /// dropped while assembling and `changes` is empty.
+    pub origin: Option<String>,
+    pub changes: ChangeSet,
+}
+
+/// Why the message stream does not make a well-formed transaction. Any of these means the
+/// stream cannot be trusted: drop it and restart from the slot's confirmed position.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AssembleError {
+    #[error("pgoutput: {0} outside a transaction")]
+    OutsideTransaction(&'static str),
+    #[error("pgoutput: Begin inside transaction {0}")]
+    NestedBegin(u32),
+    #[error("pgoutput: a change refers to relation {0}, which was never announced")]
+    UnknownRelation(u32),
+    #[error("pgoutput: a change to {table} has {got} values for {want} columns")]
+    ColumnCount {
+        table: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("pgoutput: {table} has no replica identity key; it cannot be replicated")]
+    NoKey { table: String },
+    #[error("pgoutput: Commit at {commit} does not end the transaction that began for {begin}")]
+    CommitMismatch { begin: Lsn, commit: Lsn },
+}
+
+impl AssembleError {
+    /// `08P01` (protocol_violation): the decoder's output broke the protocol's framing.
+    pub fn sqlstate(&self) -> &'static str {
+        "08P01"
+    }
+}
+
+struct Open {
+    begin: Begin,
+    origin: Option<String>,
+    /// Relation oid → the stamps pgmm's trigger announced for the next change of it (which
+    /// follows the message directly), not yet matched.
+    stamps: HashMap<u32, Stamps>,
+    /// Relation oid → index in `set.tables`.
+    index: HashMap<u32, u32>,
+    set: ChangeSet,
+}
+
+/// Turns one slot session's pgoutput messages into whole transactions. Keep one per session:
+/// it remembers the relations the session announced.
+#[derive(Default)]
+pub struct Assembler {
+    relations: RelationCache,
+    open: Option<Open>,
+}
+
+impl Assembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a transaction has begun and not yet committed.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Whether [`Assembler::push`] would drop the pgoutput message `payload` unread: a row change,
+    /// truncate or logical message inside a transaction that came from a peer. The caller may
+    /// then skip decoding it (a malformed one is not noticed, as it is dropped anyway); the
+    /// outcome is the same as pushing it. Relation and Type messages are never dropped: the
+    /// session's later transactions refer to them.
+    pub fn drops(&self, payload: &[u8]) -> bool {
+        self.open.as_ref().is_some_and(|open| open.origin.is_some())
+            && matches!(payload.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
+    }
+
+    /// Feeds one message; returns the transaction its Commit completes.
+    pub fn push(&mut self, msg: Message) -> Result<Option<CapturedTx>, AssembleError> {
+        match msg {
+            Message::Begin(begin) => {
+                if let Some(open) = &self.open {
+                    return Err(AssembleError::NestedBegin(open.begin.xid));
+                }
+                self.open = Some(Open {
+                    begin,
+                    origin: None,
+                    stamps: HashMap::new(),
+                    index: HashMap::new(),
+                    set: ChangeSet::default(),
+                });
+                Ok(None)
+            }
+            Message::Commit(commit) => {
+                let open = self
+                    .open
+                    .take()
+                    .ok_or(AssembleError::OutsideTransaction("Commit"))?;
+                if open.begin.final_lsn != commit.commit_lsn {
+                    return Err(AssembleError::CommitMismatch {
+                        begin: open.begin.final_lsn,
+                        commit: commit.commit_lsn,
+                    });
+                }
+                Ok(Some(CapturedTx {
+                    xid: open.begin.xid,
+                    commit_lsn: commit.commit_lsn,
+                    end_lsn: commit.end_lsn,
+                    commit_time: commit.commit_time,
+                    origin: open.origin,
+                    changes: open.set,
+                }))
+            }
+            Message::Origin(origin) => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(AssembleError::OutsideTransaction("Origin"))?;
+                open.origin = Some(origin.name);
+                open.set = ChangeSet::default();
+                open.index.clear();
+                Ok(None)
+            }
+            Message::Relation(_) => {
+                self.relations.apply(&msg);
+                Ok(None)
+            }
+            Message::Message(m) if m.transactional() && m.prefix == VERSION_MESSAGE_PREFIX => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(AssembleError::OutsideTransaction("Message"))?;
+                if let Some((oid, stamps)) = Stamps::parse(&m.content) {
+                    open.stamps.insert(oid, stamps);
+                }
+                Ok(None)
+            }
+            Message::Type(_) | Message::Message(_) => Ok(None),
+            Message::Insert(ins) => {
+                let Some((open, rel)) = self.target("Insert", ins.relation)? else {
+                    return Ok(None);
+                };
+                let table = open.table_index(rel);
+                let new = row(rel, ins.new)?;
+                open.set.changes.push(Change::Insert { table, new });
+                Ok(None)
+            }
+            Message::Update(upd) => {
+                let Some((open, rel)) = self.target("Update", upd.relation)? else {
+                    return Ok(None);
+                };
+                let table = open.table_index(rel);
+                let old_key = match upd.key.or(upd.old) {
+                    Some(old) => Some(key_of(rel, row(rel, old)?)?),
+                    None => None,
+                };
+                let new = row(rel, upd.new)?;
+                let old_stamp = open.stamps.remove(&upd.relation).and_then(|s| s.old);
+                open.set.changes.push(Change::Update {
+                    table,
+                    old_key,
+                    new,
+                    old_stamp,
+                });
+                Ok(None)
+            }
+            Message::Delete(del) => {
+                let Some((open, rel)) = self.target("Delete", del.relation)? else {
+                    return Ok(None);
+                };
+                let table = open.table_index(rel);
+                let identity = del.key.or(del.old).ok_or_else(|| AssembleError::NoKey {
+                    table: qualified(rel),
+                })?;
+                let key = key_of(rel, row(rel, identity)?)?;
+                let stamps = open.stamps.remove(&del.relation).unwrap_or_default();
+                open.set.changes.push(Change::Delete {
+                    table,
+                    key,
+                    deleted_at: stamps.deleted,
+                    old_stamp: stamps.old,
+                });
+                Ok(None)
+            }
+            Message::Truncate(tr) => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(AssembleError::OutsideTransaction("Truncate"))?;
+                if open.origin.is_some() {
+                    return Ok(None);
+                }
+                let mut tables = Vec::with_capacity(tr.relations.len());
+                for oid in &tr.relations {
+                    let rel = self
+                        .relations
+                        .get(*oid)
+                        .ok_or(AssembleError::UnknownRelation(*oid))?;
+                    tables.push(open.table_index(rel));
+                }
+                open.set.changes.push(Change::Truncate {
+                    tables,
+                    cascade: tr.cascade(),
+                    restart_identity: tr.restart_identity(),
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// The open transaction and the change's relation; `None` when the transaction came from a
+    /// peer and its changes are being dropped.
+    fn target(
+        &mut self,
+        what: &'static str,
+        oid: u32,
+    ) -> Result<Option<(&mut Open, &Relation)>, AssembleError> {
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(AssembleError::OutsideTransaction(what))?;
+        if open.origin.is_some() {
+            return Ok(None);
+        }
+        let rel = self
+            .relations
+            .get(oid)
+            .ok_or(AssembleError::UnknownRelation(oid))?;
+        Ok(Some((open, rel)))
+    }
+}
+
+impl Open {
+    fn table_index(&mut self, rel: &Relation) -> u32 {
+        let next = self.set.tables.len() as u32;
+        *self.index.entry(rel.oid).or_insert_with(|| {
+            self.set.tables.push(TableDesc::from_relation(rel));
+            next
+        })
+    }
+}
+
+/// What the origin's clock trigger says about the change that follows its message (see
+/// `guard::VERSION_MESSAGE_PREFIX`): the version the change replaced and, for a delete, the
+/// delete's own stamp, in microseconds since 2000-01-01 UTC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamps {
+    pub old: Option<i64>,
+    pub deleted: Option<i64>,
+}
+
+impl Stamps {
+    /// `<oid> <old> [<deleted>]`, `-` for NULL.
+    fn parse(content: &[u8]) -> Option<(u32, Stamps)> {
+        let text = std::str::from_utf8(content).ok()?;
+        let mut parts = text.split(' ');
+        let oid = parts.next()?.parse().ok()?;
+        let stamp = |p: Option<&str>| p.and_then(|p| p.parse::<i64>().ok());
+        let old = stamp(parts.next());
+        let deleted = stamp(parts.next());
+        Some((oid, Stamps { old, deleted }))
+    }
+}
+
+fn qualified(rel: &Relation) -> String {
+    TableName::new(rel.namespace.clone(), rel.name.clone()).to_string()
+}
+
+fn row(rel: &Relation, tuple: Tuple) -> Result<Vec<Datum>, AssembleError> {
+    if tuple.0.len() != rel.columns.len() {
+        return Err(AssembleError::ColumnCount {
+            table: qualified(rel),
+            got: tuple.0.len(),
+            want: rel.columns.len(),
+        });
+    }
+    Ok(tuple.0)
+}
+
+fn key_of(rel: &Relation, mut datums: Vec<Datum>) -> Result<Vec<Datum>, AssembleError> {
+    let key: Vec<Datum> = rel
+        .key_positions()
+        .map(|i| std::mem::replace(&mut datums[i], Datum::Null))
+        .collect();
+    if key.is_empty() {
+        return Err(AssembleError::NoKey {
+            table: qualified(rel),
+        });
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::replication::pgoutput::{
+        Column, Commit, Delete, Insert, LogicalMessage, Origin, Truncate, Update,
+    };
+
+    fn text(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn relation(oid: u32, name: &str) -> Message {
+        Message::Relation(Relation {
+            oid,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: b'd',
+            columns: ["id", "v", "updated_at"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Column {
+                    flags: u8::from(i == 0),
+                    name: (*n).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn begin(lsn: Lsn) -> Message {
+        Message::Begin(Begin {
+            final_lsn: lsn,
+            commit_time: 7,
+            xid: 42,
+        })
+    }
+
+    fn commit(lsn: Lsn) -> Message {
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: lsn,
+            end_lsn: lsn + 8,
+            commit_time: 7,
+        })
+    }
+
+    fn insert(oid: u32, id: &str) -> Message {
+        Message::Insert(Insert {
+            relation: oid,
+            new: Tuple(vec![text(id), Datum::Null, text("t")]),
+        })
+    }
+
+    #[test]
+    fn a_transaction_carries_its_tables_once_in_first_use_order() {
+        let mut a = Assembler::new();
+        for m in [relation(1, "x"), relation(2, "y"), begin(100)] {
+            assert_eq!(a.push(m).unwrap(), None);
+        }
+        a.push(insert(2, "1")).unwrap();
+        a.push(insert(1, "2")).unwrap();
+        a.push(insert(2, "3")).unwrap();
+        a.push(Message::Truncate(Truncate {
+            options: Truncate::CASCADE,
+            relations: vec![1, 2],
+        }))
+        .unwrap();
+        let tx = a.push(commit(100)).unwrap().unwrap();
+        assert_eq!((tx.commit_lsn, tx.end_lsn, tx.xid), (100, 108, 42));
+        assert_eq!(tx.origin, None);
+        let names: Vec<&str> = tx.changes.tables.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["y", "x"]);
+        assert_eq!(tx.changes.tables[0].key, [0]);
+        let tables: Vec<Vec<u32>> = tx
+            .changes
+            .changes
+            .iter()
+            .map(|c| c.tables().collect())
+            .collect();
+        assert_eq!(tables, [vec![0], vec![1], vec![0], vec![1, 0]]);
+        assert_eq!(
+            tx.changes.changes[3],
+            Change::Truncate {
+                tables: vec![1, 0],
+                cascade: true,
+                restart_identity: false
+            }
+        );
+        assert!(!a.in_transaction());
+    }
+
+    #[test]
+    fn a_transaction_applied_from_a_peer_keeps_no_changes() {
+        let mut a = Assembler::new();
+        a.push(relation(1, "x")).unwrap();
+        a.push(begin(200)).unwrap();
+        a.push(Message::Origin(Origin {
+            lsn: 5,
+            name: "pgmm_b".into(),
+        }))
+        .unwrap();
+        a.push(insert(1, "1")).unwrap();
+        // Even an unknown relation does not matter: the change is dropped unread.
+        a.push(insert(9, "1")).unwrap();
+        let tx = a.push(commit(200)).unwrap().unwrap();
+        assert_eq!(tx.origin.as_deref(), Some("pgmm_b"));
+        assert!(tx.changes.is_empty());
+    }
+
+    #[test]
+    fn only_the_contents_of_a_peers_transaction_are_dropped_unread() {
+        let mut a = Assembler::new();
+        let change = [b'I', 0, 0, 0, 1];
+        assert!(
+            !a.drops(&change),
+            "outside a transaction: push reports the error"
+        );
+        a.push(begin(200)).unwrap();
+        assert!(!a.drops(&change), "a local transaction keeps its changes");
+        a.push(Message::Origin(Origin {
+            lsn: 5,
+            name: "pgmm_b".into(),
+        }))
+        .unwrap();
+        for tag in [b'I', b'U', b'D', b'T', b'M'] {
+            assert!(a.drops(&[tag, 0, 0, 0, 1]), "{}", char::from(tag));
+        }
+        for tag in [b'R', b'Y', b'C', b'B', b'O'] {
+            assert!(!a.drops(&[tag]), "{}", char::from(tag));
+        }
+        assert!(!a.drops(&[]));
+        a.push(commit(200)).unwrap().unwrap();
+        assert!(!a.drops(&change));
+    }
+
+    #[test]
+    fn keys_are_cut_from_key_and_old_tuples_and_unchanged_toast_survives() {
+        let mut a = Assembler::new();
+        a.push(relation(1, "x")).unwrap();
+        a.push(begin(300)).unwrap();
+        a.push(Message::Update(Update {
+            relation: 1,
+            key: Some(Tuple(vec![text("1"), Datum::Null, Datum::Null])),
+            old: None,
+            new: Tuple(vec![text("2"), Datum::UnchangedToast, text("t")]),
+        }))
+        .unwrap();
+        a.push(Message::Message(LogicalMessage {
+            flags: 1,
+            lsn: 1,
+            prefix: VERSION_MESSAGE_PREFIX.into(),
+            content: Bytes::from_static(b"1 77"),
+        }))
+        .unwrap();
+        a.push(Message::Update(Update {
+            relation: 1,
+            key: None,
+            old: None,
+            new: Tuple(vec![text("2"), text("v"), text("t")]),
+        }))
+        .unwrap();
+        // The clock trigger's stamp for the delete that follows; another table's and a
+        // non-transactional message are not it.
+        for (flags, prefix, content) in [
+            (1, VERSION_MESSAGE_PREFIX, "1 - 123"),
+            (1, VERSION_MESSAGE_PREFIX, "2 999 999"),
+            (0, VERSION_MESSAGE_PREFIX, "1 555 555"),
+            (1, "other", "1 777"),
+        ] {
+            a.push(Message::Message(LogicalMessage {
+                flags,
+                lsn: 1,
+                prefix: prefix.into(),
+                content: Bytes::from_static(content.as_bytes()),
+            }))
+            .unwrap();
+        }
+        a.push(Message::Delete(Delete {
+            relation: 1,
+            key: None,
+            old: Some(Tuple(vec![text("2"), text("v"), text("t")])),
+        }))
+        .unwrap();
+        let tx = a.push(commit(300)).unwrap().unwrap();
+        assert_eq!(
+            tx.changes.changes,
+            [
+                Change::Update {
+                    table: 0,
+                    old_key: Some(vec![text("1")]),
+                    new: vec![text("2"), Datum::UnchangedToast, text("t")],
+                    old_stamp: None,
+                },
+                Change::Update {
+                    table: 0,
+                    old_key: None,
+                    new: vec![text("2"), text("v"), text("t")],
+                    old_stamp: Some(77),
+                },
+                Change::Delete {
+                    table: 0,
+                    key: vec![text("2")],
+                    deleted_at: Some(123),
+                    old_stamp: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn broken_streams_are_errors() {
+        let mut a = Assembler::new();
+        assert_eq!(
+            a.push(insert(1, "1")),
+            Err(AssembleError::OutsideTransaction("Insert"))
+        );
+        a.push(begin(10)).unwrap();
+        assert_eq!(
+            a.push(insert(1, "1")),
+            Err(AssembleError::UnknownRelation(1))
+        );
+        assert_eq!(a.push(begin(11)), Err(AssembleError::NestedBegin(42)));
+        a.push(relation(1, "x")).unwrap();
+        assert!(matches!(
+            a.push(Message::Insert(Insert {
+                relation: 1,
+                new: Tuple(vec![text("1")]),
+            })),
+            Err(AssembleError::ColumnCount {
+                got: 1,
+                want: 3,
+                ..
+            })
+        ));
+        assert_eq!(
+            a.push(commit(12)),
+            Err(AssembleError::CommitMismatch {
+                begin: 10,
+                commit: 12
+            })
+        );
+    }
+}
