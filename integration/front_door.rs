@@ -1184,3 +1184,169 @@ async fn a_huge_statement_does_not_stall_other_sessions() {
     assert!(pgmm.metric_value(r#"pgmm_client_unparsed_total{reason="size"}"#) >= Some(2.0));
     select_one(&big).await;
 }
+
+/// A StartupMessage for protocol 3.`minor` with one `_pq_.` option Postgres does not know.
+fn startup_3x(minor: u16, user: &str, db: &str) -> Vec<u8> {
+    let mut packet = wire::startup_message(user, db);
+    packet[6..8].copy_from_slice(&minor.to_be_bytes());
+    // Before the list's final NUL: one more (name, value) pair.
+    packet.pop();
+    packet.extend_from_slice(b"_pq_.pgmm_test_option\0on\0\0");
+    let len = packet.len() as u32;
+    packet[..4].copy_from_slice(&len.to_be_bytes());
+    packet
+}
+
+/// Protocol minors are negotiated by Postgres, as libpq 18 asks for 3.2 when told to: pgmm
+/// relays the startup unchanged and NegotiateProtocolVersion back (3.0 from a server before 18,
+/// the unknown option from every server), the session works, and a cancel with the key the
+/// server handed out (32 bytes in 3.2 on PostgreSQL 18, 4 in 3.0) reaches it. Then libpq 18's
+/// psql with `max_protocol_version=latest`, when PostgreSQL 18 is installed here.
+#[test]
+fn protocol_minor_versions_are_negotiated_by_postgres() {
+    let pg = PgCluster::start();
+    let pgmm = start(&pg);
+    let server_speaks_3_2 = harness::pg_major() >= 18;
+    for minor in [1u16, 2] {
+        let mut s = wire::connect(pgmm.client_port());
+        wire::send(&mut s, &startup_3x(minor, "postgres", "postgres"));
+        let mut negotiated = None;
+        let mut key = None;
+        loop {
+            match wire::read_message(&mut s).expect("read during startup") {
+                None => panic!("3.{minor}: connection closed during startup"),
+                Some((b'E', body)) => panic!("3.{minor}: refused: {:?}", wire::error_fields(&body)),
+                Some((b'v', body)) => {
+                    let newest = u32::from_be_bytes(body[..4].try_into().unwrap());
+                    let options = String::from_utf8_lossy(&body[8..]).into_owned();
+                    negotiated = Some((newest, options));
+                }
+                Some((b'K', body)) => key = Some(body),
+                Some((b'Z', _)) => break,
+                Some(_) => {}
+            }
+        }
+        let (newest, options) = negotiated.unwrap_or_else(|| {
+            panic!("3.{minor}: no NegotiateProtocolVersion for the unknown _pq_ option")
+        });
+        assert!(options.contains("_pq_.pgmm_test_option"), "3.{minor}: {options:?}");
+        // PostgreSQL 18 speaks 3.0 and 3.2 (3.1 is reserved and answered with 3.0).
+        let expected_minor = if server_speaks_3_2 && minor == 2 { 2 } else { 0 };
+        assert_eq!(newest, (3 << 16) | expected_minor, "3.{minor}: newest minor offered");
+        let key = key.expect("BackendKeyData");
+        let key_len = if expected_minor == 2 { 32 } else { 4 };
+        assert_eq!(key.len(), 4 + key_len, "3.{minor}: process id and secret key");
+
+        wire::send(&mut s, &wire::query("select 40 + 2"));
+        let answer = wire::read_until_ready_for_query(&mut s);
+        assert!(
+            answer
+                .iter()
+                .any(|(tag, body)| *tag == b'D' && body.ends_with(b"42")),
+            "3.{minor}: {answer:?}"
+        );
+
+        // Cancel a sleep with the key as the server gave it.
+        wire::send(&mut s, &wire::query("select pg_sleep(60)"));
+        let pid = i32::from_be_bytes(key[..4].try_into().unwrap());
+        let watcher = harness::Db::connect(&pg.conninfo("postgres", "postgres"));
+        wait_until("the sleep to run", Duration::from_secs(10), || {
+            let state = watcher
+                .scalar(&format!(
+                    "SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}"
+                ))
+                .ok()
+                .flatten();
+            (state.as_deref() == Some("PgSleep")).then_some(())
+        });
+        let mut cancel = ((12 + key_len) as u32).to_be_bytes().to_vec();
+        cancel.extend_from_slice(&80_877_102u32.to_be_bytes());
+        cancel.extend_from_slice(&key);
+        let mut c = wire::connect(pgmm.client_port());
+        wire::send(&mut c, &cancel);
+        let _ = wire::read_until_closed(&mut c, Duration::from_secs(10));
+        let answer = wire::read_until_ready_for_query(&mut s);
+        let cancelled = answer.iter().any(|(tag, body)| {
+            *tag == b'E'
+                && wire::error_fields(body)
+                    .iter()
+                    .any(|(c, v)| *c == 'C' && v == "57014")
+        });
+        assert!(cancelled, "3.{minor}: the sleep was not cancelled: {answer:?}");
+    }
+
+    match harness::bindir_of_major(18) {
+        Some(bindir) => {
+            let out = run_ok(
+                Command::new(bindir.join("psql"))
+                    .arg(format!(
+                        "{} max_protocol_version=latest",
+                        pgmm.conninfo("postgres", "postgres")
+                    ))
+                    .args(["-X", "-At", "-c", "select 6 * 7", "-c", "\\conninfo"]),
+                None,
+                CMD_TIMEOUT,
+            );
+            assert!(out.starts_with("42\n"), "{out}");
+            let version = if server_speaks_3_2 { "3.2" } else { "3.0" };
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("Protocol Version") && l.ends_with(version)),
+                "psql 18 negotiated {version}: {out}"
+            );
+        }
+        None => eprintln!("PostgreSQL 18's psql is not installed here: only raw 3.x startups tested"),
+    }
+}
+
+/// Counts the lines of pgmm's log that contain `needle`.
+fn log_lines(pgmm: &Pgmm, needle: &str) -> usize {
+    pgmm.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// A client that never finishes its start-up is dropped after `[client]
+/// startup_timeout_seconds` and counted; a flood of bad connections is counted one by one but
+/// logged a line per reason and interval, not a line each.
+#[test]
+fn startup_timeouts_are_counted_and_bad_connections_are_logged_at_a_bounded_rate() {
+    let pg = PgCluster::start();
+    let pgmm = Pgmm::start(
+        &pg,
+        PgmmOptions {
+            client_toml: "startup_timeout_seconds = 1".into(),
+            ..PgmmOptions::default()
+        },
+    );
+    let timeouts = "pgmm_client_protocol_errors_total{reason=\"startup_timeout\"}";
+    assert_eq!(pgmm.metric_value(timeouts), Some(0.0));
+    let start = Instant::now();
+    let mut silent = wire::connect(pgmm.client_port());
+    // Half a startup packet, then nothing.
+    wire::send(&mut silent, &wire::startup_message("postgres", "postgres")[..6]);
+    let closed = wire::read_until_closed(&mut silent, Duration::from_secs(20));
+    assert!(closed.messages.is_empty(), "{closed:?}");
+    assert!(start.elapsed() >= Duration::from_millis(900), "closed before the timeout");
+    wait_metric(&pgmm, timeouts, 1.0);
+
+    let probes = 300;
+    for _ in 0..probes {
+        let mut s = wire::connect(pgmm.client_port());
+        wire::send(&mut s, b"GET / HTTP/1.1\r\n\r\n");
+        let _ = wire::read_until_closed(&mut s, Duration::from_secs(10));
+    }
+    wait_metric(
+        &pgmm,
+        "pgmm_client_protocol_errors_total{reason=\"startup_packet\"}",
+        probes as f64,
+    );
+    // The probes take well under a minute here: with one line per reason per 10 s that is a
+    // handful of lines, where it used to be one per probe.
+    let lines = log_lines(&pgmm, "closing client connection");
+    let bound = 2 + 2 * (start.elapsed().as_secs() as usize / 10 + 1);
+    assert!(
+        lines <= bound,
+        "{lines} WARN lines for {probes} bad connections (bound {bound})"
+    );
+    let client = harness::Db::connect(&pgmm.conninfo("postgres", "postgres"));
+    assert_eq!(client.value("select 1"), "1", "still serving");
+}

@@ -223,6 +223,7 @@ impl TestCluster {
             }),
             ports: Some(self.ports[i]),
             extra_toml,
+            client_toml: String::new(),
         }
     }
 

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::classify::Classifier;
 use crate::config::{Config, OwnerSpec};
 use crate::last_hour::LastHour;
+use crate::log_limit::LogLimiter;
 use crate::metrics::FrontDoorMetrics;
 use crate::owners::OwnerRules;
 use crate::ownership::Ownership;
@@ -35,6 +36,9 @@ const CLASSIFIER_CACHE: usize = 4096;
 /// Large statements parsed at once, off the relay threads (each can hold hundreds of MB while
 /// it is parsed); sessions with more wait their turn, the others are not affected.
 const LARGE_PARSES: usize = 1;
+
+/// At most one WARN line per reason this often for client connections closed on bad input.
+const BAD_CLIENT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum FrontDoorError {
@@ -116,6 +120,8 @@ pub struct FrontDoor {
     /// Writes refused here in the last hour, for `pgmm status` (the counter
     /// `pgmm_ownership_rejections_total` has no notion of "recent").
     pub refusals: Arc<LastHour>,
+    /// The WARN line for a client connection closed on bad input, limited per reason.
+    pub bad_client_log: LogLimiter,
 }
 
 impl FrontDoor {
@@ -141,10 +147,10 @@ impl FrontDoor {
             ownership: Ownership::new(&config.node.name, table_owners)
                 .with_rows(OwnerRules::from_config(config)),
             metrics,
-            // Postgres's own authentication_timeout default.
-            startup_timeout: Duration::from_secs(60),
+            startup_timeout: Duration::from_secs(config.client.startup_timeout_seconds),
             ddl_seen: Arc::new(Notify::new()),
             refusals: Arc::new(LastHour::new()),
+            bad_client_log: LogLimiter::new(BAD_CLIENT_LOG_INTERVAL),
         })
     }
 }

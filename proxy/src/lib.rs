@@ -14,6 +14,7 @@ pub mod enrol;
 pub mod frontdoor;
 pub mod guard;
 pub mod last_hour;
+pub mod log_limit;
 pub mod metrics;
 pub mod migrate;
 pub mod node;

@@ -45,6 +45,16 @@ impl SessionError {
             SessionError::StartupTimeout(_) => "08P01",
         }
     }
+
+    /// Label of `pgmm_client_protocol_errors_total{reason}`: what the client did wrong;
+    /// `None` when the client is not to blame (a reset connection, an unreachable backend).
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            SessionError::Client(w) => w.reason(),
+            SessionError::StartupTimeout(_) => Some("startup_timeout"),
+            SessionError::Server(_) | SessionError::Backend { .. } => None,
+        }
+    }
 }
 
 /// Read buffer size per direction; the buffer only grows past it for a Query or Parse longer
@@ -65,17 +75,19 @@ pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
             tracing::debug!(%peer, error = %e, "session ended by I/O error")
         }
         Err(e) => {
-            let reason = match &e {
-                SessionError::Client(w) => w.reason(),
-                _ => None,
-            };
+            let reason = e.reason();
             if let Some(reason) = reason {
                 door.metrics
                     .protocol_errors
                     .with_label_values(&[reason])
                     .inc();
             }
-            tracing::warn!(%peer, reason = reason.unwrap_or("session"), error = %e, "closing client connection");
+            // A scanner or a broken client can open thousands of connections: one line per
+            // reason and interval, saying how many it stands for; the metric counts them all.
+            let reason = reason.unwrap_or("session");
+            if let Some(suppressed) = door.bad_client_log.admit(reason) {
+                tracing::warn!(%peer, reason, error = %e, suppressed, "closing client connection (suppressed: like closes since the last line for this reason)");
+            }
         }
     }
 }

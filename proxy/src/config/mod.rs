@@ -17,6 +17,8 @@ use crate::table::TableName;
 
 /// Default seconds a SIGTERM waits for client sessions before the process exits anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Default seconds a client has to complete start-up: Postgres's `authentication_timeout`.
+pub const DEFAULT_STARTUP_TIMEOUT_SECONDS: u64 = 60;
 /// Statements longer than this (bytes) are not parsed at the front door; see `[client]`.
 pub const DEFAULT_MAX_PARSE_BYTES: usize = 1 << 20;
 /// sqlparser's recursion limit for front-door parses (its own default is 50, about 20 nested
@@ -91,6 +93,9 @@ pub struct ClientConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub shutdown_grace_seconds: u64,
+    /// A client that has not sent its startup packet (TLS included) by then is dropped and
+    /// counted, as Postgres's `authentication_timeout` does (at least 1).
+    pub startup_timeout_seconds: u64,
     /// Query and Parse texts longer than this many bytes are forwarded unparsed (at least 1).
     pub max_parse_bytes: usize,
     /// The parser's recursion limit; a deeper text is forwarded unparsed (at least 1).

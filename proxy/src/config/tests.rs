@@ -114,6 +114,10 @@ owner = "b"
     let config = parse(text).unwrap();
     assert_eq!(config.client.shutdown_grace_seconds, 30);
     assert_eq!(config.client.max_parse_bytes, DEFAULT_MAX_PARSE_BYTES);
+    assert_eq!(
+        config.client.startup_timeout_seconds,
+        DEFAULT_STARTUP_TIMEOUT_SECONDS
+    );
     assert_eq!(config.client.max_parse_depth, DEFAULT_MAX_PARSE_DEPTH);
     assert_eq!(config.node.worker_threads, 0);
     assert!(config.node.threads() >= 1);
@@ -228,12 +232,13 @@ fn missing_keys_are_named() {
 fn parse_limits_are_read_and_must_be_positive() {
     let text = BASE.replace(
         "[client]\n",
-        "[client]\nmax_parse_bytes = 4096\nmax_parse_depth = 30\n",
+        "[client]\nmax_parse_bytes = 4096\nmax_parse_depth = 30\nstartup_timeout_seconds = 5\n",
     );
     let config = parse(&text).unwrap();
     assert_eq!(config.client.max_parse_bytes, 4096);
     assert_eq!(config.client.max_parse_depth, 30);
-    for key in ["max_parse_bytes", "max_parse_depth"] {
+    assert_eq!(config.client.startup_timeout_seconds, 5);
+    for key in ["max_parse_bytes", "max_parse_depth", "startup_timeout_seconds"] {
         let text = BASE.replace("[client]\n", &format!("[client]\n{key} = 0\n"));
         assert_invalid(&text, &format!("client.{key}"), 7, "must be at least 1");
     }

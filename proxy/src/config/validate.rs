@@ -13,7 +13,8 @@ use super::{
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
     ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS,
     DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE,
-    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_TOMBSTONE_RETENTION_HOURS,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STARTUP_TIMEOUT_SECONDS,
+    DEFAULT_TOMBSTONE_RETENTION_HOURS,
 };
 use crate::table::TableName;
 
@@ -60,6 +61,7 @@ struct RawClient {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     shutdown_grace_seconds: Option<u64>,
+    startup_timeout_seconds: Option<Spanned<u64>>,
     max_parse_bytes: Option<Spanned<usize>>,
     max_parse_depth: Option<Spanned<usize>>,
 }
@@ -286,7 +288,19 @@ fn check_client(src: &Source<'_>, raw: RawClient) -> Result<ClientConfig, Config
         "client.max_parse_depth",
         DEFAULT_MAX_PARSE_DEPTH,
     )?;
+    let startup_timeout_seconds = match raw.startup_timeout_seconds {
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(src.invalid(
+                &v.span(),
+                "client.startup_timeout_seconds",
+                "must be at least 1",
+            ))
+        }
+        Some(v) => v.into_inner(),
+        None => DEFAULT_STARTUP_TIMEOUT_SECONDS,
+    };
     Ok(ClientConfig {
+        startup_timeout_seconds,
         max_parse_bytes,
         max_parse_depth,
         listen,
