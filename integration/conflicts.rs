@@ -890,16 +890,20 @@ fn a_serialization_failure_during_apply_is_retried_without_dropping_the_link() {
         .exec("UPDATE t SET v = 'a' WHERE id IN (1, 2)");
     let mut open: Vec<&(harness::Db, String)> = holders.iter().collect();
     while !open.is_empty() {
-        let blocker = wait_for("apply on b waiting on a local row lock", Duration::from_secs(60), || {
-            let blocking = c.scalar(
-                1,
-                "SELECT coalesce(string_agg(b::text, ','), '') FROM pg_stat_activity, \
+        let blocker = wait_for(
+            "apply on b waiting on a local row lock",
+            Duration::from_secs(60),
+            || {
+                let blocking = c.scalar(
+                    1,
+                    "SELECT coalesce(string_agg(b::text, ','), '') FROM pg_stat_activity, \
                  unnest(pg_blocking_pids(pid)) AS b WHERE wait_event_type = 'Lock'",
-            );
-            open.iter()
-                .position(|(_, pid)| blocking.split(',').any(|b| b == pid))
-                .ok_or(format!("blocking pids: {blocking:?}"))
-        });
+                );
+                open.iter()
+                    .position(|(_, pid)| blocking.split(',').any(|b| b == pid))
+                    .ok_or(format!("blocking pids: {blocking:?}"))
+            },
+        );
         open.remove(blocker).0.exec("COMMIT");
     }
 

@@ -72,7 +72,11 @@ mod tests {
         let limiter = LogLimiter::new(Duration::from_secs(10));
         let t0 = Instant::now();
         assert_eq!(limiter.admit_at("a", t0), Some(0));
-        assert_eq!(limiter.admit_at("b", t0), Some(0), "kinds are limited apart");
+        assert_eq!(
+            limiter.admit_at("b", t0),
+            Some(0),
+            "kinds are limited apart"
+        );
         for s in 1..=5 {
             assert_eq!(limiter.admit_at("a", t0 + Duration::from_secs(s)), None);
         }

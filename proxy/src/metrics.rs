@@ -129,14 +129,14 @@ impl FrontDoorMetrics {
     }
 }
 
-/// The replication pipeline's metrics (capture, shipping, apply, slots); `peer` is the other
-/// node's name: the receiving peer on the sending side, the origin on the applying side.
-#[derive(Clone)]
 /// The failures apply rolls back and runs again in the same session: a local write raced with
 /// it (serialization failure under repeatable read, or a deadlock). Anything else is a reason
 /// to stop and report.
 pub const RETRIED_SQLSTATES: [&str; 2] = ["40001", "40P01"];
 
+/// The replication pipeline's metrics (capture, shipping, apply, slots); `peer` is the other
+/// node's name: the receiving peer on the sending side, the origin on the applying side.
+#[derive(Clone)]
 pub struct ReplicationMetrics {
     pub changes_captured: IntCounter,
     pub changes_shipped: IntCounterVec,
@@ -314,7 +314,8 @@ impl ReplicationMetrics {
                 m.apply_batches.with_label_values(&[peer.as_str(), path]);
             }
             for sqlstate in RETRIED_SQLSTATES {
-                m.apply_retries.with_label_values(&[peer.as_str(), sqlstate]);
+                m.apply_retries
+                    .with_label_values(&[peer.as_str(), sqlstate]);
             }
             m.lag_seconds.with_label_values(&l);
             m.lag_bytes.with_label_values(&l);

@@ -409,7 +409,11 @@ mod tests {
         }
         let packet = startup_packet(2 << 16);
         let err = read_startup(&mut &packet[..]).await.unwrap_err();
-        assert!(err.to_string().contains("unsupported frontend protocol 2.0"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unsupported frontend protocol 2.0"),
+            "{err}"
+        );
     }
 
     /// Protocol 3.2 cancel keys are up to 256 bytes; 3.0's are 4.

@@ -120,8 +120,10 @@ impl ApplyError {
     /// A failure a second attempt in the same session can cure: a local write raced with the
     /// batch (see [`crate::metrics::RETRIED_SQLSTATES`]).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ApplyError::Statement { .. } | ApplyError::Database { .. })
-            && crate::metrics::RETRIED_SQLSTATES.contains(&self.sqlstate().as_str())
+        matches!(
+            self,
+            ApplyError::Statement { .. } | ApplyError::Database { .. }
+        ) && crate::metrics::RETRIED_SQLSTATES.contains(&self.sqlstate().as_str())
     }
 
     fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {

@@ -238,7 +238,11 @@ fn parse_limits_are_read_and_must_be_positive() {
     assert_eq!(config.client.max_parse_bytes, 4096);
     assert_eq!(config.client.max_parse_depth, 30);
     assert_eq!(config.client.startup_timeout_seconds, 5);
-    for key in ["max_parse_bytes", "max_parse_depth", "startup_timeout_seconds"] {
+    for key in [
+        "max_parse_bytes",
+        "max_parse_depth",
+        "startup_timeout_seconds",
+    ] {
         let text = BASE.replace("[client]\n", &format!("[client]\n{key} = 0\n"));
         assert_invalid(&text, &format!("client.{key}"), 7, "must be at least 1");
     }
