@@ -82,7 +82,11 @@ fn example_file_loads() {
     assert_eq!(config.node_index(), 0);
     let names: Vec<&str> = config.peers.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["b", "c"]);
-    assert!(config.peer.is_some());
+    // The example states the default of each peer limit.
+    assert_eq!(
+        config.peer.as_ref().unwrap().max_pending_handshakes,
+        crate::peer::DEFAULT_MAX_PENDING_HANDSHAKES
+    );
     assert!(config.metrics.is_some());
     assert!(config.client.tls_cert.is_some() && config.client.tls_key.is_some());
     assert!(!config.replication.tables.is_empty());

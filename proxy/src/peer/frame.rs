@@ -324,11 +324,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.codec.set_max_frame_length(max_frame);
     }
 
-    /// The largest frame accepted now.
-    pub fn max_frame(&self) -> usize {
-        self.codec.max_frame_length()
-    }
-
     /// The next message; `None` when the peer closed the connection between frames. After any
     /// error except [`FrameError::UnknownMessage`] the stream position is lost: drop the link.
     pub async fn recv(&mut self) -> Result<Option<Body>, FrameError> {
