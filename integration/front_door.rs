@@ -1013,6 +1013,7 @@ async fn unreachable_peer_does_not_stop_the_front_door() {
             peer: Some(PeerOptions {
                 secret: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
                 peers: vec![("b".into(), format!("127.0.0.1:{closed_port}"))],
+                peer_toml: String::new(),
             }),
             ..PgmmOptions::default()
         },

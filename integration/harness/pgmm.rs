@@ -59,6 +59,8 @@ pub struct PeerOptions {
     pub secret: String,
     /// (name, address) of each peer.
     pub peers: Vec<(String, String)>,
+    /// Extra lines for the `[peer]` section (e.g. `max_pending_handshakes = 4`).
+    pub peer_toml: String,
 }
 
 /// The three ports of one pgmm node, chosen before it starts.
@@ -328,8 +330,9 @@ impl Pgmm {
             fs::write(&secret_file, &peer.secret).expect("write peer secret");
             let _ = writeln!(
                 c,
-                "[peer]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = {}\n",
-                q(&secret_file.to_string_lossy())
+                "[peer]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = {}\n{}",
+                q(&secret_file.to_string_lossy()),
+                peer.peer_toml
             );
             for (name, address) in &peer.peers {
                 let _ = writeln!(

@@ -223,6 +223,7 @@ impl ReplicationNode {
             metrics.clone(),
             wake.clone(),
             rules.clone(),
+            peer_listen.max_pending_handshakes,
         ));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 

@@ -117,6 +117,9 @@ pub struct PeerListenConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
+    /// `max_pending_handshakes`: accepted peer connections that may be in their handshake at
+    /// once; one more is closed on accept.
+    pub max_pending_handshakes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,10 @@ pub(super) const PGMM_SCHEMA: &str = "pgmm";
 /// Postgres identifiers are at most 63 bytes and node names are used as `pgmm_<node>`.
 const MAX_NODE_NAME_LEN: usize = 63 - "pgmm_".len();
 
+/// Upper bound of `[peer] max_pending_handshakes`: past this, the cap no longer bounds memory
+/// in any useful sense (each pending handshake is a socket, a task and up to ~100 KiB).
+const MAX_PENDING_HANDSHAKES: usize = 4096;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -81,6 +85,7 @@ struct RawPeerListen {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     tls_ca: Option<Spanned<String>>,
+    max_pending_handshakes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -148,6 +153,18 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let node_threads = raw.node.worker_threads.unwrap_or(0);
 
     let cluster_name = non_empty(src, "cluster.name", &raw.cluster.name)?;
+    if cluster_name.len() > crate::peer::MAX_CLUSTER_NAME_BYTES {
+        return Err(src.invalid(
+            &raw.cluster.name.span(),
+            "cluster.name",
+            format!(
+                "is {} bytes, longer than {} (the name travels in the peer handshake, whose \
+                 messages are size-limited)",
+                cluster_name.len(),
+                crate::peer::MAX_CLUSTER_NAME_BYTES
+            ),
+        ));
+    }
     let nodes = check_cluster_nodes(src, &raw.cluster.nodes)?;
     if !nodes.contains(&node) {
         return Err(src.invalid(
@@ -353,12 +370,29 @@ fn check_peer_listen(
         .tls_ca
         .map(|ca| check_path(src, "peer.tls_ca", &ca))
         .transpose()?;
+    let max_pending_handshakes = match raw.max_pending_handshakes {
+        None => crate::peer::DEFAULT_MAX_PENDING_HANDSHAKES,
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n) if (1..=MAX_PENDING_HANDSHAKES).contains(&n) => n,
+            _ => {
+                return Err(src.invalid(
+                    &v.span(),
+                    "peer.max_pending_handshakes",
+                    format!(
+                        "must be between 1 and {MAX_PENDING_HANDSHAKES} (handshakes running at \
+                         once on the peer port)"
+                    ),
+                ))
+            }
+        },
+    };
     Ok(PeerListenConfig {
         listen,
         secret_file,
         tls_cert,
         tls_key,
         tls_ca,
+        max_pending_handshakes,
     })
 }
 

@@ -17,6 +17,12 @@
 //! Failures of the handshake are logged with their reason on the node that sees them and
 //! counted in `pgmm_peer_handshake_failures_total{reason}`; failing to reach the peer at all
 //! (connection refused) is not a handshake failure and is left to the caller's [`Backoff`].
+//!
+//! What an unauthenticated connection can cost the accepting node is bounded: it reads frames
+//! of at most [`HANDSHAKE_MAX_FRAME_BYTES`] until the handshake has verified the peer's proof
+//! (then [`MAX_FRAME_BYTES`]), gets [`HANDSHAKE_TIMEOUT`] to finish, and at most
+//! `[peer] max_pending_handshakes` handshakes run at once ([`HandshakeLimit`]); a connection
+//! over that cap is closed as soon as it is accepted.
 
 mod backoff;
 mod frame;
@@ -30,16 +36,19 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use std::sync::Arc;
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use ring::hmac;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use backoff::{Backoff, BACKOFF_BASE, BACKOFF_CAP};
 pub use frame::{
     decode_envelope, encode_envelope, Body, Envelope, FrameError, RefusalKind, Welcome,
-    MAX_FRAME_BYTES, WIRE_VERSION,
+    HANDSHAKE_MAX_FRAME_BYTES, MAX_CLUSTER_NAME_BYTES, MAX_FRAME_BYTES, WIRE_VERSION,
 };
 pub use handshake::{HandshakeError, ResumeSource, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
@@ -51,6 +60,12 @@ use frame::{FrameReader, FrameWriter};
 /// How long a connection may take from TCP connect (or accept) to the end of the handshake. A
 /// peer that connects and stays silent must not hold an accept task forever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of `[peer] max_pending_handshakes`. A cluster's legitimate handshakes are one per
+/// peer and link (re)connection, a handful at once; each pending handshake costs at most a
+/// socket, a task, TLS state and a [`HANDSHAKE_MAX_FRAME_BYTES`] buffer (well under 100 KiB),
+/// so 64 of them cost a few MiB.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
 
 /// Shortest secret accepted: any TCP client can obtain one server proof and guess offline, so
 /// the secret must not be guessable (see `handshake.rs`).
@@ -205,6 +220,7 @@ impl PeerIdentity {
 #[derive(Clone)]
 pub struct PeerMetrics {
     handshake_failures: IntCounterVec,
+    handshakes_in_progress: IntGauge,
 }
 
 impl PeerMetrics {
@@ -221,7 +237,20 @@ impl PeerMetrics {
         for label in handshake::LABELS {
             handshake_failures.with_label_values(&[label]);
         }
-        Ok(PeerMetrics { handshake_failures })
+        let handshakes_in_progress = IntGauge::new(
+            "pgmm_peer_handshakes_in_progress",
+            "Accepted peer connections whose handshake is running (at most [peer] max_pending_handshakes).",
+        )?;
+        registry.register(Box::new(handshakes_in_progress.clone()))?;
+        Ok(PeerMetrics {
+            handshake_failures,
+            handshakes_in_progress,
+        })
+    }
+
+    /// Accepted connections whose handshake is running now.
+    pub fn handshakes_in_progress(&self) -> i64 {
+        self.handshakes_in_progress.get()
     }
 
     /// The current count for one `reason`.
@@ -233,6 +262,71 @@ impl PeerMetrics {
         self.handshake_failures
             .with_label_values(&[err.label()])
             .inc();
+    }
+}
+
+/// The cap on handshakes running at once on the accepting side (`[peer] max_pending_handshakes`).
+///
+/// A connection over the cap is closed at once rather than made to wait: waiting would keep its
+/// socket and task alive anyway (what the cap is for is bounding those), and a legitimate peer
+/// refused this way retries on its [`Backoff`], by which time the burst has usually cleared
+/// (each pending handshake ends within [`HANDSHAKE_TIMEOUT`]). It is counted as
+/// `too_many_handshakes`; the peer sees the connection closed.
+#[derive(Clone)]
+pub struct HandshakeLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+    metrics: PeerMetrics,
+}
+
+/// One running handshake's share of a [`HandshakeLimit`]; dropping it frees the slot.
+pub struct HandshakePermit {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl HandshakeLimit {
+    /// At most `max` (at least 1) handshakes at once, counted in `metrics`.
+    pub fn new(max: usize, metrics: &PeerMetrics) -> HandshakeLimit {
+        let max = max.max(1);
+        HandshakeLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// A slot for the handshake of a connection just accepted from `remote`, or `None` when
+    /// all are taken: then the refusal has been counted and the caller drops the connection.
+    pub fn try_acquire(&self, remote: Option<std::net::SocketAddr>) -> Option<HandshakePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.metrics.handshakes_in_progress.inc();
+                Some(HandshakePermit {
+                    _permit: permit,
+                    gauge: self.metrics.handshakes_in_progress.clone(),
+                })
+            }
+            Err(_) => {
+                let err = HandshakeError::TooManyHandshakes(self.max);
+                self.metrics.count(&err);
+                // Debug, not warn: a flood of these would otherwise flood the log too; the
+                // counter is what an operator watches.
+                tracing::debug!(
+                    remote = ?remote,
+                    reason = err.label(),
+                    error = %err,
+                    "peer connection refused"
+                );
+                None
+            }
+        }
     }
 }
 
@@ -403,7 +497,9 @@ async fn connect_with(
             _ => (Box::new(tcp), Vec::new()),
         };
         let (rd, wr) = tokio::io::split(io);
-        let mut reader = FrameReader::new(rd, MAX_FRAME_BYTES);
+        // The server is not authenticated until its Challenge verified: until then it gets no
+        // more than the accepting side gives us.
+        let mut reader = FrameReader::new(rd, HANDSHAKE_MAX_FRAME_BYTES);
         let mut writer = FrameWriter::new(wr, MAX_FRAME_BYTES);
         let (agreed, welcome) = handshake::client(
             &mut reader,
@@ -414,6 +510,7 @@ async fn connect_with(
             offered_protocol,
         )
         .await?;
+        reader.set_max_frame(MAX_FRAME_BYTES);
         Ok::<_, HandshakeError>((reader, writer, agreed, welcome))
     };
     let result = match tokio::time::timeout(timeout, handshake).await {
@@ -512,10 +609,13 @@ where
             None => (Box::new(stream), Vec::new()),
         };
         let (rd, wr) = tokio::io::split(io);
-        let mut reader = FrameReader::new(rd, MAX_FRAME_BYTES);
+        // Anyone can connect: until the client's proof verified, it may not make us buffer
+        // more than a handshake message.
+        let mut reader = FrameReader::new(rd, HANDSHAKE_MAX_FRAME_BYTES);
         let mut writer = FrameWriter::new(wr, MAX_FRAME_BYTES);
         let (agreed, welcome) =
             handshake::server(&mut reader, &mut writer, me, known_nodes, &binding, resume).await?;
+        reader.set_max_frame(MAX_FRAME_BYTES);
         Ok::<_, HandshakeError>((reader, writer, agreed, welcome))
     };
     let result = match tokio::time::timeout(timeout, handshake).await {
