@@ -17,6 +17,7 @@ pub mod last_hour;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
+pub mod output;
 pub mod owners;
 pub mod ownership;
 pub mod peer;
