@@ -311,10 +311,11 @@ fn message_stream(rng: &mut Rng) -> Vec<u8> {
     let mut v = Vec::new();
     for _ in 0..rng.below(20) {
         let kind = rng.pick(b"QPBEDSHXCcdfF1Z");
-        let body = if rng.chance(30) {
-            rng.below(70_000)
-        } else {
-            rng.below(64)
+        // Sizes past 255 and 65535 put non-zero bytes in every position of the length field.
+        let body = match rng.below(30) {
+            0 => rng.below(70_000),
+            1..=6 => rng.below(2_000),
+            _ => rng.below(64),
         };
         v.push(kind);
         v.extend_from_slice(&((body + 4) as u32).to_be_bytes());
