@@ -18,6 +18,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
+pub mod output;
 pub mod owners;
 pub mod ownership;
 pub mod peer;

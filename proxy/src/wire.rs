@@ -343,6 +343,9 @@ pub fn strip_error_internals(body: &[u8]) -> BytesMut {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
