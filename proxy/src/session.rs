@@ -64,9 +64,9 @@ const BUF_SIZE: usize = 8 * 1024;
 /// Serves one accepted client connection to its end, logging why it ended.
 pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    door.metrics.client_connections.inc();
+    let open = OpenSession::count(&door.metrics.client_connections);
     let result = negotiate(&door, stream).await;
-    door.metrics.client_connections.dec();
+    drop(open);
     match result {
         Ok(()) | Err(SessionError::Client(WireError::ClosedBeforeStartup)) => {
             tracing::debug!(%peer, "session closed")
@@ -89,6 +89,23 @@ pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
                 tracing::warn!(%peer, reason, error = %e, suppressed, "closing client connection (suppressed: like closes since the last line for this reason)");
             }
         }
+    }
+}
+
+/// One open session in `pgmm_client_connections`, taken back when the session ends however it
+/// ends: a panic in a session task unwinds through this too, so the gauge cannot drift.
+struct OpenSession<'a>(&'a prometheus::IntGauge);
+
+impl<'a> OpenSession<'a> {
+    fn count(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenSession(gauge)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
