@@ -843,7 +843,7 @@ fn tombstones_are_purged_only_when_old_enough_and_every_peer_has_passed_them() {
             .unwrap();
             let conn = tokio::spawn(conn);
             let slots: Vec<String> = slots.iter().map(|s| s.to_string()).collect();
-            let n = pgmm::node::purge_tombstones(&client, &slots, retention)
+            let n = pgmm::testing::purge_tombstones(&client, &slots, retention)
                 .await
                 .unwrap();
             drop(client);
@@ -857,4 +857,75 @@ fn tombstones_are_purged_only_when_old_enough_and_every_peer_has_passed_them() {
     assert_eq!(purged(&["pgmm_b", "pgmm_gone"], "0 seconds"), 0);
     assert_eq!(purged(&["pgmm_b"], "0 seconds"), 1);
     assert_eq!(c.scalar(0, "SELECT count(*) FROM pgmm.tombstones"), "0");
+}
+
+/// A local write that commits while apply waits on its row makes the apply transaction fail
+/// with 40001 (it runs under repeatable read, so that it never decides on a stale version).
+/// That is retried inside the apply session: the link stays up, nothing is resent, and the
+/// retry is counted. Two local transactions hold the two rows a remote transaction updates, and
+/// the test commits whichever one apply is waiting on: the first aborts the fast attempt, the
+/// second the full one, whatever order apply takes the rows in.
+#[test]
+fn a_serialization_failure_during_apply_is_retried_without_dropping_the_link() {
+    let _heavy = heavy_lock();
+    let c = cluster_with(2, ClusterOptions::default(), &[("t", COLUMNS)]);
+    c.front_door(0)
+        .exec("INSERT INTO t (id, v) VALUES (1, 'base'), (2, 'base')");
+    c.wait_converged("t", 2);
+    let retried = "pgmm_apply_retries_total{peer=\"a\",sqlstate=\"40001\"}";
+    assert_eq!(c.metric(1, retried), Some(0.0), "{retried} before");
+    let link_drops = "pgmm_replication_errors_total{peer=\"b\",stage=\"link\"}";
+    let drops_before = c.metric(0, link_drops).unwrap_or(0.0);
+
+    let holders: Vec<(harness::Db, String)> = (1..=2)
+        .map(|id| {
+            let db = c.db(1);
+            let pid = db.value("SELECT pg_backend_pid()::text");
+            db.exec(&format!("BEGIN; UPDATE t SET v = 'b' WHERE id = {id}"));
+            (db, pid)
+        })
+        .collect();
+    // Stamped after b's two updates, so a's version wins everywhere.
+    c.front_door(0)
+        .exec("UPDATE t SET v = 'a' WHERE id IN (1, 2)");
+    let mut open: Vec<&(harness::Db, String)> = holders.iter().collect();
+    while !open.is_empty() {
+        let blocker = wait_for(
+            "apply on b waiting on a local row lock",
+            Duration::from_secs(60),
+            || {
+                let blocking = c.scalar(
+                    1,
+                    "SELECT coalesce(string_agg(b::text, ','), '') FROM pg_stat_activity, \
+                 unnest(pg_blocking_pids(pid)) AS b WHERE wait_event_type = 'Lock'",
+                );
+                open.iter()
+                    .position(|(_, pid)| blocking.split(',').any(|b| b == pid))
+                    .ok_or(format!("blocking pids: {blocking:?}"))
+            },
+        );
+        open.remove(blocker).0.exec("COMMIT");
+    }
+
+    c.wait_all(
+        "a's update on both nodes",
+        "SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t",
+        "1=a,2=a",
+    );
+    c.wait_converged("t", 2);
+    assert!(
+        c.metric(1, retried).unwrap_or(0.0) >= 1.0,
+        "the full attempt's serialization failure is counted as a retry: {:?}",
+        c.metric(1, retried)
+    );
+    assert_eq!(
+        c.metric(1, "pgmm_apply_errors_total{peer=\"a\"}"),
+        Some(0.0),
+        "no apply error, so no link drop"
+    );
+    assert_eq!(
+        c.metric(0, link_drops).unwrap_or(0.0),
+        drops_before,
+        "a's link to b never dropped"
+    );
 }

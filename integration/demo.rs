@@ -1,10 +1,12 @@
 //! End-to-end tests of `pgmm demo`: the freshly built binary starts a 3-node demo, each printed
 //! URL answers through pgmm, ownership is enforced per node, a row written through the first
 //! node is read through the last, and SIGTERM leaves neither a process nor the temporary
-//! directory behind; `--workload` prints live lines showing every node's rows. Self-contained on
+//! directory behind; `--workload` prints live lines showing every node's rows; and the cleanup
+//! still happens on Ctrl-C once whatever read the demo's output has gone. Self-contained on
 //! purpose: they drive the binary the way a newcomer (or a script) would, reading only what the
 //! demo prints.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustix::pipe::{pipe_with, PipeFlags};
 use rustix::process::{kill_process, Pid, Signal};
 use tokio_postgres::{Client, NoTls};
 
@@ -382,4 +385,225 @@ fn demo_workload_writes_on_every_node_and_prints_live_lines() {
     );
     assert!(!dir.exists(), "{} still exists", dir.display());
     assert!(processes_in(&dir).is_empty());
+}
+
+/// Whether process `pid` exists and is not a zombie (a zombie has exited; only its exit status
+/// waits to be collected).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The postmaster pid of each node, from `<dir>/<node>/data/postmaster.pid` (first line).
+fn postmasters(dir: &Path, nodes: &[&str]) -> Vec<(String, u32)> {
+    nodes
+        .iter()
+        .map(|node| {
+            let file = dir.join(node).join("data").join("postmaster.pid");
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+            let pid = text
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no pid in {}: {text:?}", file.display()));
+            (node.to_string(), pid)
+        })
+        .collect()
+}
+
+/// What a demo that failed to clean up leaves: stopped by the test when it fails, so that a
+/// failing run (today's code, say) does not leave Postgres servers running on the machine.
+struct Leftovers {
+    child: Child,
+    postmasters: Vec<(String, u32)>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (_, pid) in &self.postmasters {
+            if alive(*pid) {
+                // Immediate shutdown: the postmaster takes its backends with it.
+                if let Some(pid) = Pid::from_raw(*pid as i32) {
+                    let _ = kill_process(pid, Signal::QUIT);
+                }
+            }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self.postmasters.iter().any(|(_, pid)| alive(*pid)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `./demo 2>&1 | tee log`, then Ctrl-C: the terminal sends SIGINT to the whole foreground
+/// job, `tee` exits first, and every later write of the demo to stdout or stderr fails with
+/// EPIPE. The demo must keep running while its output is gone, and on SIGINT still stop its
+/// Postgres servers and remove its directory. Here one pipe carries both stdout and stderr (as
+/// `2>&1 |` does), the test plays `tee`: it reads up to the hint line, then closes the only
+/// read end. Before the fix the workload task died at its next line (`println!` panics on
+/// EPIPE, so the nodes stopped writing), and SIGINT did nothing at all: the signal watcher
+/// panicked on its `eprintln!` before it could cancel anything, leaving every Postgres running.
+#[test]
+fn demo_cleans_up_on_sigint_after_its_output_pipe_closed() {
+    // CLOEXEC: another test's child spawned meanwhile must not inherit an end of this pipe (a
+    // stray read end would keep the pipe open, a stray write end would keep it from ending).
+    let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC).expect("pipe");
+    let stderr_end = write_end.try_clone().expect("dup the pipe's write end");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgmm"));
+    command
+        .args(["demo", "--nodes", "2", "--workload"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::from(stderr_end));
+    let child = command.spawn().expect("start pgmm demo");
+    // The command holds this process's copies of the write end; only the demo keeps one now.
+    drop(command);
+    let pid = Pid::from_child(&child);
+    let mut leftovers = Leftovers {
+        child,
+        postmasters: Vec::new(),
+        dir: None,
+    };
+
+    // The `tee`: forwards lines until the hint line, then exits, closing the read end.
+    let (tx, lines) = mpsc::channel::<String>();
+    let tee = thread::spawn(move || {
+        for line in BufReader::new(File::from(read_end)).lines() {
+            let Ok(line) = line else { break };
+            let last = line.starts_with(HINT_PREFIX);
+            if tx.send(line).is_err() || last {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut seen = Vec::new();
+    let mut urls = Vec::new();
+    let dir = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => panic!("no hint line ({e:?}); output so far:\n{}", seen.join("\n")),
+        };
+        seen.push(line.clone());
+        if let Some(dir) = line.strip_prefix(HINT_PREFIX) {
+            break PathBuf::from(dir.trim_end());
+        }
+        if let [name, url] = line.split_whitespace().collect::<Vec<_>>()[..] {
+            if url.starts_with("postgres://") {
+                urls.push((name.to_owned(), url.to_owned()));
+            }
+        }
+    };
+    tee.join().expect("the reader thread");
+    // The read end is closed: every write the demo makes from here fails with EPIPE.
+    leftovers.dir = Some(dir.clone());
+    let names: Vec<&str> = urls.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["a", "b"], "output:\n{}", seen.join("\n"));
+    leftovers.postmasters = postmasters(&dir, &names);
+    for (node, pid) in &leftovers.postmasters {
+        assert!(
+            alive(*pid),
+            "postgres of node {node} (pid {pid}) is not running"
+        );
+    }
+
+    // The demo goes on without its output: the workload keeps writing through node a for a few
+    // of its once-a-second report lines (each of which now fails), and the node answers.
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let demo_state = |leftovers: &mut Leftovers| {
+        let postgres: Vec<_> = leftovers
+            .postmasters
+            .iter()
+            .map(|(node, pid)| format!("postgres of {node} running: {}", alive(*pid)))
+            .collect();
+        format!(
+            "demo exit status: {:?}; {}; {} exists: {}",
+            leftovers.child.try_wait(),
+            postgres.join(", "),
+            dir.display(),
+            dir.exists()
+        )
+    };
+    runtime.block_on(async {
+        let url_a = &urls[0].1;
+        let a = connect(url_a).await;
+        let mut count = async || match a.query_one("select count(*) from demo.items", &[]).await {
+            Ok(row) => row.get::<_, i64>(0),
+            Err(e) => panic!(
+                "count demo.items through {url_a}: {e:?}; {}",
+                demo_state(&mut leftovers)
+            ),
+        };
+        let first = count().await;
+        // About ten rows a second (five rounds a second per node, at most two more contested
+        // ones), so 40 more take over three seconds: three report lines written into the void.
+        let deadline = Instant::now() + REPLICATION_TIMEOUT;
+        loop {
+            let now = count().await;
+            if now >= first + 40 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the workload stopped writing once its output closed: demo.items went from \
+                 {first} to {now} rows in {REPLICATION_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        select_one(&a, url_a).await;
+    });
+    drop(runtime);
+
+    // Ctrl-C.
+    let interrupted = Instant::now();
+    kill_process(pid, Signal::INT).expect("send SIGINT");
+    let status = loop {
+        if let Some(status) = leftovers.child.try_wait().expect("wait for pgmm demo") {
+            break status;
+        }
+        let running: Vec<_> = leftovers
+            .postmasters
+            .iter()
+            .filter(|(_, pid)| alive(*pid))
+            .collect();
+        assert!(
+            interrupted.elapsed() < STOP_TIMEOUT,
+            "pgmm demo still running {STOP_TIMEOUT:?} after SIGINT with its output closed; \
+             postmasters still running: {running:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let took = interrupted.elapsed();
+    eprintln!("pgmm demo exited {took:?} after SIGINT with its output closed ({status})");
+    assert!(
+        status.success(),
+        "pgmm demo exited with {status} after SIGINT"
+    );
+    for (node, pid) in &leftovers.postmasters {
+        assert!(
+            !alive(*pid),
+            "postgres of node {node} (pid {pid}) still running after the demo exited"
+        );
+    }
+    let left = processes_in(&dir);
+    assert!(left.is_empty(), "processes left behind: {left:#?}");
+    assert!(
+        !dir.exists(),
+        "{} still exists after the demo stopped",
+        dir.display()
+    );
 }

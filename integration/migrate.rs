@@ -10,10 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::{run_command, PgCluster};
-use pgmm::config::ReplicationConfig;
-use pgmm::enrol::{self, EnrolError};
-use pgmm::migrate::{self, MigrateError, LATEST, MIGRATIONS};
-use pgmm::table::TableName;
+use pgmm::testing::enrol::{self, EnrolError};
+use pgmm::testing::migrate::{self, MigrateError, LATEST, MIGRATIONS};
+use pgmm::testing::ReplicationConfig;
+use pgmm::testing::TableName;
 use tokio_postgres::{Client, NoTls};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use pgmm::replication::{ReplicationConfig, ReplicationConn, ReplicationError, ReplicationStream};
+use pgmm::testing::walsender::{
+    ReplicationConfig, ReplicationConn, ReplicationError, ReplicationStream,
+};
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};

@@ -73,6 +73,8 @@ pub struct NodeOverride {
     pub secret: Option<String>,
     /// Appended to this node's config after [`ClusterOptions::extra_toml`].
     pub extra_toml: String,
+    /// Extra lines for this node's `[peer]` section.
+    pub peer_toml: String,
     /// This node's PostgreSQL binaries (another major than the rest of the cluster).
     pub pg_bindir: Option<std::path::PathBuf>,
 }
@@ -220,9 +222,11 @@ impl TestCluster {
             peer: Some(PeerOptions {
                 secret: o.secret.unwrap_or_else(|| self.opts.secret.clone()),
                 peers,
+                peer_toml: o.peer_toml,
             }),
             ports: Some(self.ports[i]),
             extra_toml,
+            client_toml: String::new(),
         }
     }
 

@@ -32,6 +32,8 @@ pub struct PgmmOptions {
     pub ports: Option<PgmmPorts>,
     /// Appended verbatim to the generated config, for sections the options above do not cover.
     pub extra_toml: String,
+    /// Lines added verbatim to `[client]` (`startup_timeout_seconds = 1`, ...).
+    pub client_toml: String,
 }
 
 impl Default for PgmmOptions {
@@ -45,6 +47,7 @@ impl Default for PgmmOptions {
             peer: None,
             ports: None,
             extra_toml: String::new(),
+            client_toml: String::new(),
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct PeerOptions {
     pub secret: String,
     /// (name, address) of each peer.
     pub peers: Vec<(String, String)>,
+    /// Extra lines for the `[peer]` section (e.g. `max_pending_handshakes = 4`).
+    pub peer_toml: String,
 }
 
 /// The three ports of one pgmm node, chosen before it starts.
@@ -309,6 +314,7 @@ impl Pgmm {
             nodes.join(", ")
         );
         let _ = writeln!(c, "[client]\nlisten = \"127.0.0.1:{client_port}\"");
+        let _ = writeln!(c, "{}", opts.client_toml);
         if let Some((cert, key)) = &opts.tls {
             let _ = writeln!(c, "tls_cert = {}", q(&cert.to_string_lossy()));
             let _ = writeln!(c, "tls_key = {}", q(&key.to_string_lossy()));
@@ -324,8 +330,9 @@ impl Pgmm {
             fs::write(&secret_file, &peer.secret).expect("write peer secret");
             let _ = writeln!(
                 c,
-                "[peer]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = {}\n",
-                q(&secret_file.to_string_lossy())
+                "[peer]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = {}\n{}",
+                q(&secret_file.to_string_lossy()),
+                peer.peer_toml
             );
             for (name, address) in &peer.peers {
                 let _ = writeln!(

@@ -57,7 +57,6 @@ pub enum Command {
     },
 }
 
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; node logs would drown it unless asked for. Its nodes
@@ -86,8 +85,9 @@ fn init_tracing(default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Not `std::io::stderr`: a failed write (stderr piped into a reader that exited) makes
+        // tracing-subscriber report it with `eprintln!`, which panics the task that logged.
+        .with_writer(crate::commands::output::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
-

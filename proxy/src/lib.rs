@@ -18,8 +18,8 @@
 //! - Shared by all of them: [`pg`] (connecting, error text, quoting, object names) and
 //!   [`config`] (the validated config file, table names, ownership rules).
 //!
-//! Dependencies point one way: `cli -> commands -> node -> {frontdoor, replication, schema,
-//! observe} -> {pg, config}`. Modules are private; what the integration tests drive directly is
+//! Dependencies point one way: `cli -> commands -> node -> {frontdoor, replication, schema} ->
+//! observe -> pg -> config`. Modules are private; what the integration tests drive directly is
 //! re-exported at the end.
 
 mod cli;

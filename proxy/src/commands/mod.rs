@@ -5,5 +5,6 @@
 pub mod check_config;
 pub mod demo;
 pub mod migrate;
+pub mod output;
 pub mod serve;
 pub mod status;

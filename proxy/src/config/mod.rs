@@ -17,8 +17,18 @@ use std::path::{Path, PathBuf};
 
 use crate::config::table::TableName;
 
+/// Default of `[peer] max_pending_handshakes`. A cluster's legitimate handshakes are one per
+/// peer and link (re)connection, a handful at once; each pending handshake costs at most a
+/// socket, a task, TLS state and a handshake-sized (8 KiB) buffer (well under 100 KiB),
+/// so 64 of them cost a few MiB.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
+/// Longest `[cluster] name` accepted, in bytes: the cluster name travels in the handshake, whose
+/// frames are limited to the peer link's handshake frame limit (8 KiB).
+pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 /// Default seconds a SIGTERM waits for client sessions before the process exits anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Default seconds a client has to complete start-up: Postgres's `authentication_timeout`.
+pub const DEFAULT_STARTUP_TIMEOUT_SECONDS: u64 = 60;
 /// Statements longer than this (bytes) are not parsed at the front door; see `[client]`.
 pub const DEFAULT_MAX_PARSE_BYTES: usize = 1 << 20;
 /// sqlparser's recursion limit for front-door parses (its own default is 50, about 20 nested
@@ -93,6 +103,9 @@ pub struct ClientConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub shutdown_grace_seconds: u64,
+    /// A client that has not sent its startup packet (TLS included) by then is dropped and
+    /// counted, as Postgres's `authentication_timeout` does (at least 1).
+    pub startup_timeout_seconds: u64,
     /// Query and Parse texts longer than this many bytes are forwarded unparsed (at least 1).
     pub max_parse_bytes: usize,
     /// The parser's recursion limit; a deeper text is forwarded unparsed (at least 1).
@@ -114,6 +127,9 @@ pub struct PeerListenConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
+    /// `max_pending_handshakes`: accepted peer connections that may be in their handshake at
+    /// once; one more is closed on accept.
+    pub max_pending_handshakes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +225,7 @@ impl ConfigError {
     }
 
     /// The 1-based line the error points at, when there is one.
+    #[cfg(test)]
     pub fn line(&self) -> Option<usize> {
         match self {
             Self::Io { .. } => None,
@@ -247,6 +264,7 @@ impl Config {
     }
 
     /// This node's position in `cluster.nodes`, the `i` of key ownership (`key % n == i`).
+    #[cfg(test)]
     pub fn node_index(&self) -> usize {
         self.cluster
             .nodes
@@ -256,6 +274,7 @@ impl Config {
     }
 
     /// The ownership rule for `table`, if any (at most one exists: duplicates are rejected).
+    #[cfg(test)]
     pub fn owner_of_table(&self, table: &TableName) -> Option<&OwnershipRule> {
         self.ownership.iter().find(|rule| rule.table == *table)
     }

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Config, OwnerSpec};
 use crate::config::table::TableName;
+use crate::config::{Config, OwnerSpec};
 
 /// `table "public.x" is owned by node "b"; write it through node "b"`.
 pub fn table_message(table: &TableName, owner: &str) -> String {

@@ -82,7 +82,11 @@ fn example_file_loads() {
     assert_eq!(config.node_index(), 0);
     let names: Vec<&str> = config.peers.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["b", "c"]);
-    assert!(config.peer.is_some());
+    // The example states the default of each peer limit.
+    assert_eq!(
+        config.peer.as_ref().unwrap().max_pending_handshakes,
+        crate::config::DEFAULT_MAX_PENDING_HANDSHAKES
+    );
     assert!(config.metrics.is_some());
     assert!(config.client.tls_cert.is_some() && config.client.tls_key.is_some());
     assert!(!config.replication.tables.is_empty());
@@ -114,6 +118,10 @@ owner = "b"
     let config = parse(text).unwrap();
     assert_eq!(config.client.shutdown_grace_seconds, 30);
     assert_eq!(config.client.max_parse_bytes, DEFAULT_MAX_PARSE_BYTES);
+    assert_eq!(
+        config.client.startup_timeout_seconds,
+        DEFAULT_STARTUP_TIMEOUT_SECONDS
+    );
     assert_eq!(config.client.max_parse_depth, DEFAULT_MAX_PARSE_DEPTH);
     assert_eq!(config.node.worker_threads, 0);
     assert!(config.node.threads() >= 1);
@@ -228,12 +236,17 @@ fn missing_keys_are_named() {
 fn parse_limits_are_read_and_must_be_positive() {
     let text = BASE.replace(
         "[client]\n",
-        "[client]\nmax_parse_bytes = 4096\nmax_parse_depth = 30\n",
+        "[client]\nmax_parse_bytes = 4096\nmax_parse_depth = 30\nstartup_timeout_seconds = 5\n",
     );
     let config = parse(&text).unwrap();
     assert_eq!(config.client.max_parse_bytes, 4096);
     assert_eq!(config.client.max_parse_depth, 30);
-    for key in ["max_parse_bytes", "max_parse_depth"] {
+    assert_eq!(config.client.startup_timeout_seconds, 5);
+    for key in [
+        "max_parse_bytes",
+        "max_parse_depth",
+        "startup_timeout_seconds",
+    ] {
         let text = BASE.replace("[client]\n", &format!("[client]\n{key} = 0\n"));
         assert_invalid(&text, &format!("client.{key}"), 7, "must be at least 1");
     }
@@ -316,6 +329,42 @@ fn cluster_nodes_empty_or_duplicate() {
         4,
         "must not be empty",
     );
+    // The name travels in the handshake, whose frames are size-limited.
+    let long = "x".repeat(crate::config::MAX_CLUSTER_NAME_BYTES + 1);
+    assert_invalid(
+        &BASE.replace("name = \"test\"", &format!("name = \"{long}\"")),
+        "cluster.name",
+        4,
+        "longer than 255",
+    );
+    let longest = "x".repeat(crate::config::MAX_CLUSTER_NAME_BYTES);
+    let text = BASE.replace("name = \"test\"", &format!("name = \"{longest}\""));
+    assert_eq!(parse(&text).unwrap().cluster.name, longest);
+}
+
+#[test]
+fn max_pending_handshakes_defaults_and_is_checked() {
+    let config = parse(&with(PEER)).unwrap();
+    assert_eq!(
+        config.peer.unwrap().max_pending_handshakes,
+        crate::config::DEFAULT_MAX_PENDING_HANDSHAKES
+    );
+    let text = with(&format!("{PEER}max_pending_handshakes = 5\n"));
+    assert_eq!(
+        parse(&text).unwrap().peer.unwrap().max_pending_handshakes,
+        5
+    );
+    for bad in ["0", "4097", "-1"] {
+        let text = with(&format!("{PEER}max_pending_handshakes = {bad}\n"));
+        match parse(&text) {
+            Err(ConfigError::Invalid { key, line, .. }) => {
+                assert_eq!((key.as_str(), line), ("peer.max_pending_handshakes", 13))
+            }
+            // A negative number is not a u64: a syntax error naming the key's line.
+            Err(ConfigError::Syntax { line, .. }) if bad == "-1" => assert_eq!(line, 13),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
 }
 
 const PEER: &str = "[peer]\nlisten = \"127.0.0.1:7001\"\nsecret_file = \"/s\"\n";

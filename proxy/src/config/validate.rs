@@ -13,7 +13,8 @@ use super::{
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
     ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS,
     DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE,
-    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_TOMBSTONE_RETENTION_HOURS,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STARTUP_TIMEOUT_SECONDS,
+    DEFAULT_TOMBSTONE_RETENTION_HOURS,
 };
 use crate::config::table::TableName;
 
@@ -22,6 +23,10 @@ pub(super) const PGMM_SCHEMA: &str = "pgmm";
 
 /// Postgres identifiers are at most 63 bytes and node names are used as `pgmm_<node>`.
 const MAX_NODE_NAME_LEN: usize = 63 - "pgmm_".len();
+
+/// Upper bound of `[peer] max_pending_handshakes`: past this, the cap no longer bounds memory
+/// in any useful sense (each pending handshake is a socket, a task and up to ~100 KiB).
+const MAX_PENDING_HANDSHAKES: usize = 4096;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +65,7 @@ struct RawClient {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     shutdown_grace_seconds: Option<u64>,
+    startup_timeout_seconds: Option<Spanned<u64>>,
     max_parse_bytes: Option<Spanned<usize>>,
     max_parse_depth: Option<Spanned<usize>>,
 }
@@ -79,6 +85,7 @@ struct RawPeerListen {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     tls_ca: Option<Spanned<String>>,
+    max_pending_handshakes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +153,18 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let node_threads = raw.node.worker_threads.unwrap_or(0);
 
     let cluster_name = non_empty(src, "cluster.name", &raw.cluster.name)?;
+    if cluster_name.len() > crate::config::MAX_CLUSTER_NAME_BYTES {
+        return Err(src.invalid(
+            &raw.cluster.name.span(),
+            "cluster.name",
+            format!(
+                "is {} bytes, longer than {} (the name travels in the peer handshake, whose \
+                 messages are size-limited)",
+                cluster_name.len(),
+                crate::config::MAX_CLUSTER_NAME_BYTES
+            ),
+        ));
+    }
     let nodes = check_cluster_nodes(src, &raw.cluster.nodes)?;
     if !nodes.contains(&node) {
         return Err(src.invalid(
@@ -286,7 +305,19 @@ fn check_client(src: &Source<'_>, raw: RawClient) -> Result<ClientConfig, Config
         "client.max_parse_depth",
         DEFAULT_MAX_PARSE_DEPTH,
     )?;
+    let startup_timeout_seconds = match raw.startup_timeout_seconds {
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(src.invalid(
+                &v.span(),
+                "client.startup_timeout_seconds",
+                "must be at least 1",
+            ))
+        }
+        Some(v) => v.into_inner(),
+        None => DEFAULT_STARTUP_TIMEOUT_SECONDS,
+    };
     Ok(ClientConfig {
+        startup_timeout_seconds,
         max_parse_bytes,
         max_parse_depth,
         listen,
@@ -339,12 +370,29 @@ fn check_peer_listen(
         .tls_ca
         .map(|ca| check_path(src, "peer.tls_ca", &ca))
         .transpose()?;
+    let max_pending_handshakes = match raw.max_pending_handshakes {
+        None => crate::config::DEFAULT_MAX_PENDING_HANDSHAKES,
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n) if (1..=MAX_PENDING_HANDSHAKES).contains(&n) => n,
+            _ => {
+                return Err(src.invalid(
+                    &v.span(),
+                    "peer.max_pending_handshakes",
+                    format!(
+                        "must be between 1 and {MAX_PENDING_HANDSHAKES} (handshakes running at \
+                         once on the peer port)"
+                    ),
+                ))
+            }
+        },
+    };
     Ok(PeerListenConfig {
         listen,
         secret_file,
         tls_cert,
         tls_key,
         tls_ca,
+        max_pending_handshakes,
     })
 }
 

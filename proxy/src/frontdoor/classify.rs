@@ -25,8 +25,8 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::Token;
 
-use crate::config::DEFAULT_MAX_PARSE_DEPTH;
 use crate::config::table::TableName;
+use crate::config::DEFAULT_MAX_PARSE_DEPTH;
 
 /// Statement texts longer than this are classified but not cached: long texts are usually
 /// generated one-offs (bulk `VALUES` lists) that would only evict the hot statements.
@@ -119,6 +119,7 @@ const STACK_BASE: usize = 256 * 1024;
 
 impl Classification {
     /// Classifies `sql` without the cache, with the default recursion limit.
+    #[cfg(test)]
     pub fn of(sql: &str) -> Self {
         Self::with_depth(sql, DEFAULT_MAX_PARSE_DEPTH)
     }

@@ -67,7 +67,13 @@ impl FrontDoorMetrics {
             QueryKind::Other,
         ]
         .map(|k| queries_vec.with_label_values(&[k.as_str()]));
-        for reason in ["startup_packet", "message_length", "unexpected_eof", "tls"] {
+        for reason in [
+            "startup_packet",
+            "message_length",
+            "unexpected_eof",
+            "tls",
+            "startup_timeout",
+        ] {
             protocol_errors.with_label_values(&[reason]);
         }
         Ok(Self {
@@ -88,4 +94,3 @@ impl FrontDoorMetrics {
         }]
     }
 }
-

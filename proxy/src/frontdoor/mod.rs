@@ -33,12 +33,13 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use classify::Classifier;
-use crate::config::{Config, OwnerSpec};
-use crate::observe::last_hour::LastHour;
-use crate::frontdoor::metrics::FrontDoorMetrics;
 use crate::config::owners::OwnerRules;
+use crate::config::{Config, OwnerSpec};
+use crate::frontdoor::metrics::FrontDoorMetrics;
 use crate::frontdoor::ownership::Ownership;
+use crate::observe::last_hour::LastHour;
+use crate::observe::log_limit::LogLimiter;
+use classify::Classifier;
 use tls::TlsError;
 
 /// Statements whose classification is remembered; enough for any application's working set
@@ -48,6 +49,9 @@ const CLASSIFIER_CACHE: usize = 4096;
 /// Large statements parsed at once, off the relay threads (each can hold hundreds of MB while
 /// it is parsed); sessions with more wait their turn, the others are not affected.
 const LARGE_PARSES: usize = 1;
+
+/// At most one WARN line per reason this often for client connections closed on bad input.
+const BAD_CLIENT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum FrontDoorError {
@@ -129,6 +133,8 @@ pub struct FrontDoor {
     /// Writes refused here in the last hour, for `pgmm status` (the counter
     /// `pgmm_ownership_rejections_total` has no notion of "recent").
     pub refusals: Arc<LastHour>,
+    /// The WARN line for a client connection closed on bad input, limited per reason.
+    pub bad_client_log: LogLimiter,
 }
 
 impl FrontDoor {
@@ -154,10 +160,10 @@ impl FrontDoor {
             ownership: Ownership::new(&config.node.name, table_owners)
                 .with_rows(OwnerRules::from_config(config)),
             metrics,
-            // Postgres's own authentication_timeout default.
-            startup_timeout: Duration::from_secs(60),
+            startup_timeout: Duration::from_secs(config.client.startup_timeout_seconds),
             ddl_seen: Arc::new(Notify::new()),
             refusals: Arc::new(LastHour::new()),
+            bad_client_log: LogLimiter::new(BAD_CLIENT_LOG_INTERVAL),
         })
     }
 }

@@ -17,8 +17,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::frontdoor::classify::{self, Classification, QueryKind};
 use super::FrontDoor;
+use crate::frontdoor::classify::{self, Classification, QueryKind};
 use crate::frontdoor::ownership::BoundCheck;
 use crate::frontdoor::refusal::{self, Pending, ResponseFilter};
 use crate::frontdoor::wire::{self, Header, StartupRequest, WireError};
@@ -45,6 +45,16 @@ impl SessionError {
             SessionError::StartupTimeout(_) => "08P01",
         }
     }
+
+    /// Label of `pgmm_client_protocol_errors_total{reason}`: what the client did wrong;
+    /// `None` when the client is not to blame (a reset connection, an unreachable backend).
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            SessionError::Client(w) => w.reason(),
+            SessionError::StartupTimeout(_) => Some("startup_timeout"),
+            SessionError::Server(_) | SessionError::Backend { .. } => None,
+        }
+    }
 }
 
 /// Read buffer size per direction; the buffer only grows past it for a Query or Parse longer
@@ -54,9 +64,9 @@ const BUF_SIZE: usize = 8 * 1024;
 /// Serves one accepted client connection to its end, logging why it ended.
 pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    door.metrics.client_connections.inc();
+    let open = OpenSession::count(&door.metrics.client_connections);
     let result = negotiate(&door, stream).await;
-    door.metrics.client_connections.dec();
+    drop(open);
     match result {
         Ok(()) | Err(SessionError::Client(WireError::ClosedBeforeStartup)) => {
             tracing::debug!(%peer, "session closed")
@@ -65,18 +75,37 @@ pub async fn run(door: Arc<FrontDoor>, stream: TcpStream, peer: SocketAddr) {
             tracing::debug!(%peer, error = %e, "session ended by I/O error")
         }
         Err(e) => {
-            let reason = match &e {
-                SessionError::Client(w) => w.reason(),
-                _ => None,
-            };
+            let reason = e.reason();
             if let Some(reason) = reason {
                 door.metrics
                     .protocol_errors
                     .with_label_values(&[reason])
                     .inc();
             }
-            tracing::warn!(%peer, reason = reason.unwrap_or("session"), error = %e, "closing client connection");
+            // A scanner or a broken client can open thousands of connections: one line per
+            // reason and interval, saying how many it stands for; the metric counts them all.
+            let reason = reason.unwrap_or("session");
+            if let Some(suppressed) = door.bad_client_log.admit(reason) {
+                tracing::warn!(%peer, reason, error = %e, suppressed, "closing client connection (suppressed: like closes since the last line for this reason)");
+            }
         }
+    }
+}
+
+/// One open session in `pgmm_client_connections`, taken back when the session ends however it
+/// ends: a panic in a session task unwinds through this too, so the gauge cannot drift.
+struct OpenSession<'a>(&'a prometheus::IntGauge);
+
+impl<'a> OpenSession<'a> {
+    fn count(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenSession(gauge)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

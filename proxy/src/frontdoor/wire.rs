@@ -16,10 +16,16 @@ pub const MAX_MESSAGE_LEN: usize = 0x3fff_ffff;
 /// Largest startup packet Postgres accepts (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_LEN: usize = 10_000;
 
-const PROTOCOL_3: u32 = 196_608;
+/// Protocol major version 3, the only one Postgres still speaks; the minor (3.0, 3.2 since
+/// PostgreSQL 18) is negotiated by the server.
+const PROTOCOL_MAJOR_3: u32 = 3;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
+/// A CancelRequest is length, code, process id and the secret key: 4 bytes in protocol 3.0,
+/// up to 256 bytes from 3.2 on (`MAX_CANCEL_KEY_LENGTH`), so the packet is 13 to 268 bytes.
+const CANCEL_MIN_LEN: usize = 13;
+const CANCEL_MAX_LEN: usize = 12 + 256;
 
 /// Why a connection's byte stream could not be framed. Each variant is a label of
 /// `pgmm_client_protocol_errors_total{reason}`, so operators can tell scanners from bugs.
@@ -63,7 +69,8 @@ impl WireError {
 pub enum StartupRequest {
     Ssl,
     GssEnc,
-    /// The 16-byte packet (length, code, pid, secret), forwarded as is.
+    /// The packet (length, code, pid, secret key of 4 bytes, or up to 256 from protocol 3.2
+    /// on), forwarded as is.
     Cancel(Bytes),
     /// The whole startup packet, length included, to be relayed unchanged.
     Startup(Bytes),
@@ -91,8 +98,14 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupRequ
     match (code, len) {
         (SSL_REQUEST, 8) => Ok(StartupRequest::Ssl),
         (GSSENC_REQUEST, 8) => Ok(StartupRequest::GssEnc),
-        (CANCEL_REQUEST, 16) => Ok(StartupRequest::Cancel(packet.freeze())),
-        (PROTOCOL_3, _) => {
+        (CANCEL_REQUEST, CANCEL_MIN_LEN..=CANCEL_MAX_LEN) => {
+            Ok(StartupRequest::Cancel(packet.freeze()))
+        }
+        // Any 3.x: the minor version and `_pq_.` options are Postgres's to negotiate. It answers
+        // a minor it does not speak, or an option it does not know, with NegotiateProtocolVersion
+        // and goes on, and pgmm relays that answer like any other: the client and the server
+        // agree on a version, and the relay (which only frames messages) speaks all of them.
+        _ if code >> 16 == PROTOCOL_MAJOR_3 => {
             if packet.last() != Some(&0) {
                 return Err(WireError::StartupPacket(
                     "parameters not NUL-terminated".into(),
@@ -103,12 +116,10 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupRequ
         (SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST, _) => Err(WireError::StartupPacket(
             format!("length {len} for request code {code}"),
         )),
-        _ if code >> 16 == 3 => Err(WireError::StartupPacket(format!(
-            "unsupported frontend protocol 3.{}: pgmm supports 3.0",
-            code & 0xffff
-        ))),
         _ => Err(WireError::StartupPacket(format!(
-            "unsupported protocol code {code}"
+            "unsupported frontend protocol {}.{}: pgmm and the server support 3.x",
+            code >> 16,
+            code & 0xffff
         ))),
     }
 }
@@ -156,6 +167,7 @@ impl Header {
 
 /// Tracks message boundaries across reads of a byte stream that is relayed as it arrives,
 /// without holding whole messages: only the up-to-5 header bytes that straddle two reads.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct BoundaryTracker {
     /// Bytes of the current message still to come.
@@ -164,6 +176,7 @@ pub struct BoundaryTracker {
     partial_len: usize,
 }
 
+#[cfg(test)]
 impl BoundaryTracker {
     /// Consumes `chunk`, calling `on_header` for every message that starts in it.
     pub fn feed(
@@ -332,6 +345,9 @@ pub fn strip_error_internals(body: &[u8]) -> BytesMut {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -372,6 +388,58 @@ mod tests {
         match read_startup(&mut slice).await.unwrap() {
             StartupRequest::Startup(p) => assert_eq!(&p[..], &good[..]),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn startup_packet(code: u32) -> Vec<u8> {
+        let mut p = vec![0, 0, 0, 0];
+        p.extend_from_slice(&code.to_be_bytes());
+        p.extend_from_slice(b"user\0u\0_pq_.some_option\0x\0\0");
+        let len = p.len() as u32;
+        p[..4].copy_from_slice(&len.to_be_bytes());
+        p
+    }
+
+    /// Every 3.x minor, with `_pq_.` options, goes to the server, which negotiates it (as
+    /// libpq 18 asks for 3.2); another major is refused as Postgres refuses it.
+    #[tokio::test]
+    async fn protocol_minor_versions_are_left_to_the_server() {
+        for minor in [0u32, 1, 2, 9999] {
+            let packet = startup_packet((3 << 16) | minor);
+            let mut slice: &[u8] = &packet;
+            match read_startup(&mut slice).await.unwrap() {
+                StartupRequest::Startup(p) => assert_eq!(&p[..], &packet[..], "3.{minor}"),
+                other => panic!("3.{minor}: {other:?}"),
+            }
+        }
+        let packet = startup_packet(2 << 16);
+        let err = read_startup(&mut &packet[..]).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unsupported frontend protocol 2.0"),
+            "{err}"
+        );
+    }
+
+    /// Protocol 3.2 cancel keys are up to 256 bytes; 3.0's are 4.
+    #[tokio::test]
+    async fn cancel_requests_carry_keys_of_any_permitted_length() {
+        for key_len in [4usize, 32, 256] {
+            let mut p = ((12 + key_len) as u32).to_be_bytes().to_vec();
+            p.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+            p.extend_from_slice(&1234u32.to_be_bytes());
+            p.extend(std::iter::repeat_n(7u8, key_len));
+            match read_startup(&mut &p[..]).await.unwrap() {
+                StartupRequest::Cancel(c) => assert_eq!(&c[..], &p[..]),
+                other => panic!("key of {key_len}: {other:?}"),
+            }
+        }
+        for len in [12u32, 12 + 257] {
+            let mut p = len.to_be_bytes().to_vec();
+            p.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+            p.resize(len as usize, 0);
+            let err = read_startup(&mut &p[..]).await.unwrap_err();
+            assert_eq!(err.reason(), Some("startup_packet"), "length {len}");
         }
     }
 

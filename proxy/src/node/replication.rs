@@ -18,19 +18,21 @@ use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::owners::OwnerRules;
+use crate::config::Config;
+use crate::observe::MetricsError;
+use crate::pg::pg_error_text;
 use crate::replication::apply::{origin_name, Receiver};
 use crate::replication::capture::Shipper;
-use crate::config::Config;
+use crate::replication::metrics::ReplicationMetrics;
+use crate::replication::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
+use crate::replication::slot::{
+    ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError,
+};
+use crate::replication::slot_monitor;
 use crate::schema::enrol::{self, EnrolError};
 use crate::schema::guard::{self, GuardContext, GuardError};
-use crate::observe::MetricsError;
-use crate::replication::metrics::ReplicationMetrics;
-use crate::pg::pg_error_text;
 use crate::schema::migrate::{self, MigrateError};
-use crate::config::owners::OwnerRules;
-use crate::replication::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
-use crate::replication::slot::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
-use crate::replication::slot_monitor;
 
 /// After DDL at the front door, how long to wait before checking enrolment: the DDL's
 /// transaction usually commits within this.
@@ -225,6 +227,7 @@ impl ReplicationNode {
             metrics.clone(),
             wake.clone(),
             rules.clone(),
+            peer_listen.max_pending_handshakes,
         ));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 

@@ -18,9 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::observe::document::NodeStatus;
 use crate::observe::last_hour::LastHour;
 use crate::observe::readiness::Readiness;
-use crate::observe::document::NodeStatus;
 
 /// What `/readyz` and `/status` read; owned by the node and passed in, never global.
 #[derive(Clone)]

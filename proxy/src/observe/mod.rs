@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 pub mod admin;
 pub mod document;
 pub mod last_hour;
+pub mod log_limit;
 pub mod readiness;
 
 #[derive(Debug, Error)]
@@ -101,4 +102,3 @@ pub fn routes(registry: Arc<Registry>) -> Router {
         .route("/healthz", get(healthz))
         .with_state(registry)
 }
-

@@ -62,4 +62,3 @@ pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
         },
     }
 }
-

@@ -40,7 +40,11 @@ pub fn readable_ident(ident: &str) -> String {
 
 /// `schema.name`, each part as [`readable_ident`] writes it.
 pub fn readable_table(table: &TableName) -> String {
-    format!("{}.{}", readable_ident(&table.schema), readable_ident(&table.name))
+    format!(
+        "{}.{}",
+        readable_ident(&table.schema),
+        readable_ident(&table.name)
+    )
 }
 
 /// Keywords that cannot name a table or column unquoted (PostgreSQL's "reserved" and "reserved

@@ -21,12 +21,12 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::pg::names::origin_name;
-use crate::replication::changeset::{AssembleError, Assembler};
 use crate::config::{PeerEntry, PostgresConfig};
+use crate::pg::names::origin_name;
 use crate::pg::names::PUBLICATION;
-use crate::replication::metrics::ReplicationMetrics;
 use crate::pg::pg_error_text;
+use crate::replication::changeset::{AssembleError, Assembler};
+use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
     self, Backoff, Body, ClientTls, FrameError, PeerError, PeerIdentity, PeerMetrics, BACKOFF_BASE,
 };
@@ -34,7 +34,9 @@ use crate::replication::pgoutput::{
     self, encode_standby_status_update, format_lsn, pg_epoch_micros, DecodeError, Lsn,
     ReplicationMessage,
 };
-use crate::replication::slot::{ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError};
+use crate::replication::slot::{
+    ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError,
+};
 use crate::replication::toast_fill::{self, FillError};
 
 /// Longest wait between reconnection attempts: a peer that comes back is found within this.

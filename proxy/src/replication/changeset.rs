@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::config::table::TableName;
 use crate::pg::names::VERSION_MESSAGE_PREFIX;
 use crate::replication::pgoutput::{Begin, Datum, Lsn, Message, Relation, RelationCache, Tuple};
-use crate::config::table::TableName;
 
 /// A table as the origin described it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,7 +244,7 @@ impl Assembler {
                 self.relations.apply(&msg);
                 Ok(None)
             }
-            Message::Message(m) if m.transactional() && m.prefix == VERSION_MESSAGE_PREFIX => {
+            Message::Logical(m) if m.transactional() && m.prefix == VERSION_MESSAGE_PREFIX => {
                 let open = self
                     .open
                     .as_mut()
@@ -254,7 +254,7 @@ impl Assembler {
                 }
                 Ok(None)
             }
-            Message::Type(_) | Message::Message(_) => Ok(None),
+            Message::Type(_) | Message::Logical(_) => Ok(None),
             Message::Insert(ins) => {
                 let Some((open, rel)) = self.target("Insert", ins.relation)? else {
                     return Ok(None);
@@ -559,7 +559,7 @@ mod tests {
             new: Tuple(vec![text("2"), Datum::UnchangedToast, text("t")]),
         }))
         .unwrap();
-        a.push(Message::Message(LogicalMessage {
+        a.push(Message::Logical(LogicalMessage {
             flags: 1,
             lsn: 1,
             prefix: VERSION_MESSAGE_PREFIX.into(),
@@ -581,7 +581,7 @@ mod tests {
             (0, VERSION_MESSAGE_PREFIX, "1 555 555"),
             (1, "other", "1 777"),
         ] {
-            a.push(Message::Message(LogicalMessage {
+            a.push(Message::Logical(LogicalMessage {
                 flags,
                 lsn: 1,
                 prefix: prefix.into(),

@@ -5,6 +5,11 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opt
 
 use crate::observe::{label, MetricsError};
 
+/// The failures apply rolls back and runs again in the same session: a local write raced with
+/// it (serialization failure under repeatable read, or a deadlock). Anything else is a reason
+/// to stop and report.
+pub const RETRIED_SQLSTATES: [&str; 2] = ["40001", "40P01"];
+
 /// The replication pipeline's metrics (capture, shipping, apply, slots); `peer` is the other
 /// node's name: the receiving peer on the sending side, the origin on the applying side.
 #[derive(Clone)]
@@ -14,6 +19,9 @@ pub struct ReplicationMetrics {
     pub changes_applied: IntCounterVec,
     pub transactions_applied: IntCounterVec,
     pub apply_errors: IntCounterVec,
+    /// Apply attempts rolled back by a serialization failure or deadlock and run again in the
+    /// same session, by peer and SQLSTATE (40001, 40P01).
+    pub apply_retries: IntCounterVec,
     pub apply_batches: IntCounterVec,
     pub replication_errors: IntCounterVec,
     pub conflicts: IntCounterVec,
@@ -63,6 +71,13 @@ impl ReplicationMetrics {
                 "Transactions from a peer that failed to apply (the link is dropped and the \
                  transaction retried); the log says why.",
                 &["peer"],
+            )?,
+            apply_retries: counter(
+                "pgmm_apply_retries_total",
+                "Batches of a peer's transactions rolled back by a serialization failure (40001) \
+                 or a deadlock (40P01) with a local write, and applied again in the same session \
+                 without dropping the link.",
+                &["peer", "sqlstate"],
             )?,
             apply_batches: counter(
                 "pgmm_apply_batches_total",
@@ -152,6 +167,7 @@ impl ReplicationMetrics {
         registry.register(Box::new(m.changes_applied.clone()))?;
         registry.register(Box::new(m.transactions_applied.clone()))?;
         registry.register(Box::new(m.apply_errors.clone()))?;
+        registry.register(Box::new(m.apply_retries.clone()))?;
         registry.register(Box::new(m.apply_batches.clone()))?;
         registry.register(Box::new(m.replication_errors.clone()))?;
         registry.register(Box::new(m.conflicts.clone()))?;
@@ -172,6 +188,10 @@ impl ReplicationMetrics {
             m.apply_errors.with_label_values(&l);
             for path in ["fast", "full"] {
                 m.apply_batches.with_label_values(&[peer.as_str(), path]);
+            }
+            for sqlstate in RETRIED_SQLSTATES {
+                m.apply_retries
+                    .with_label_values(&[peer.as_str(), sqlstate]);
             }
             m.lag_seconds.with_label_values(&l);
             m.lag_bytes.with_label_values(&l);
@@ -204,7 +224,6 @@ impl ReplicationMetrics {
             .set(i64::from(reason.is_some()));
     }
 }
-
 
 #[cfg(test)]
 mod tests {

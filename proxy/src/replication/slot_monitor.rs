@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::pg::names::origin_name;
 use crate::config::Config;
-use crate::replication::metrics::ReplicationMetrics;
+use crate::pg::names::origin_name;
 use crate::pg::pg_error_text;
+use crate::replication::metrics::ReplicationMetrics;
 
 /// How often slot positions are read for the lag and retained-WAL gauges.
 const SLOT_MONITOR_INTERVAL: Duration = Duration::from_secs(2);

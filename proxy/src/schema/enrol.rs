@@ -16,9 +16,9 @@ use thiserror::Error;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 
+use crate::config::table::TableName;
 use crate::config::ReplicationConfig;
 use crate::pg::pg_error_text;
-use crate::config::table::TableName;
 use crate::pg::quote::{readable_ident, readable_table};
 
 pub use crate::pg::names::PUBLICATION;
@@ -597,7 +597,6 @@ mod tests {
             .to_string()
             .contains("ALTER TABLE public.x ALTER COLUMN updated_at TYPE timestamptz"));
     }
-
 
     #[test]
     fn publication_statements_quote_every_name() {

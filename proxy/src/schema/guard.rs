@@ -21,12 +21,12 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use thiserror::Error;
 use tokio_postgres::GenericClient;
 
-use crate::pg::quote::qualified;
-use crate::config::OwnerSpec;
-use crate::schema::enrol::EnrolledTable;
-use crate::pg::pg_error_text;
 use crate::config::owners::{row_message, table_message, OwnerRules};
 use crate::config::table::TableName;
+use crate::config::OwnerSpec;
+use crate::pg::pg_error_text;
+use crate::pg::quote::qualified;
+use crate::schema::enrol::EnrolledTable;
 
 pub use crate::pg::names::VERSION_MESSAGE_PREFIX;
 /// Name of the row trigger on every enrolled table.

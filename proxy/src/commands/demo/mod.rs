@@ -39,9 +39,10 @@ use thiserror::Error;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{run_node, ServeError};
-use crate::config::{Config, ConfigError};
+use crate::commands::output;
 use crate::commands::status::http;
+use crate::config::{Config, ConfigError};
+use crate::node::{run_node, ServeError};
 use postgres::{Server, Workspace};
 
 /// The most nodes the demo starts: node names are single letters, and each node is a whole
@@ -149,14 +150,16 @@ pub fn main(nodes: usize, workload: bool) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("pgmm demo: cannot start the tokio runtime: {e}");
+            output::err(format_args!(
+                "pgmm demo: cannot start the tokio runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(nodes, workload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pgmm demo: {e}");
+            output::err(format_args!("pgmm demo: {e}"));
             ExitCode::from(e.exit_code())
         }
     }
@@ -215,7 +218,7 @@ async fn run_until(
         Some(Err(e)) => {
             progress(format_args!("start-up failed; stopping what was started"));
             if let Err(cleanup) = workspace.teardown() {
-                eprintln!("pgmm demo: {cleanup}");
+                output::err(format_args!("pgmm demo: {cleanup}"));
             }
             return Err(e);
         }
@@ -248,7 +251,9 @@ async fn run_until(
         // as write errors.
         workload_stop.cancel();
         if tokio::time::timeout(NODE_TIMEOUT, workload).await.is_err() {
-            eprintln!("pgmm demo: the workload did not stop within {NODE_TIMEOUT:?}");
+            output::err(format_args!(
+                "pgmm demo: the workload did not stop within {NODE_TIMEOUT:?}"
+            ));
         }
     }
     progress(format_args!("stopping the pgmm nodes"));
@@ -256,13 +261,15 @@ async fn run_until(
     let drained = tokio::time::timeout(NODE_TIMEOUT, async {
         while let Some(joined) = running.tasks.join_next_with_id().await {
             if let Err(e) = flatten(&running.names, joined) {
-                eprintln!("pgmm demo: {e}");
+                output::err(format_args!("pgmm demo: {e}"));
             }
         }
     })
     .await;
     if drained.is_err() {
-        eprintln!("pgmm demo: the pgmm nodes did not stop within {NODE_TIMEOUT:?}; aborting them");
+        output::err(format_args!(
+            "pgmm demo: the pgmm nodes did not stop within {NODE_TIMEOUT:?}; aborting them"
+        ));
         running.tasks.abort_all();
     }
     progress(format_args!(
@@ -273,7 +280,7 @@ async fn run_until(
     match failure {
         Some(e) => {
             if let Err(cleanup) = cleaned {
-                eprintln!("pgmm demo: {cleanup}");
+                output::err(format_args!("pgmm demo: {cleanup}"));
             }
             Err(e)
         }
@@ -564,8 +571,7 @@ fn print_endpoints(names: &[String], ports: &[NodePorts], root: &Path) {
         root.display()
     ));
     // Nothing useful to do if stdout is gone (e.g. piped into a closed `head`); keep running.
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    output::out_text(&text);
 }
 
 /// Commands that show replication, a conflict and an ownership refusal in a minute.
@@ -611,9 +617,10 @@ fn plural(count: usize, noun: &str) -> String {
     }
 }
 
-/// Start-up progress, on stderr so that stdout carries only the result.
+/// Start-up progress, on stderr so that stdout carries only the result; lost without harm when
+/// stderr is closed (see [`crate::commands::output`]).
 fn progress(message: std::fmt::Arguments<'_>) {
-    eprintln!("pgmm demo: {message}");
+    output::err(format_args!("pgmm demo: {message}"));
 }
 
 /// Polls until a query goes through the node's front door to its Postgres. A bare TCP probe

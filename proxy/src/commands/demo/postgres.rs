@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 use super::DemoError;
+use crate::commands::output;
 
 /// How long a cluster may take to accept connections, and the servers to stop.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -467,7 +468,7 @@ impl Workspace {
 impl Drop for Workspace {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            eprintln!("pgmm demo: {e}");
+            output::err(format_args!("pgmm demo: {e}"));
         }
     }
 }

@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 
 use super::postgres::{find_bindir, log_tail, server_settings, versioned_bindirs};
 use super::*;
-use crate::config::OwnerSpec;
 use crate::config::table::TableName;
+use crate::config::OwnerSpec;
 
 fn ports(n: u16) -> Vec<NodePorts> {
     (0..n)

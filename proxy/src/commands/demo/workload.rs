@@ -19,6 +19,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{client_url, NodePorts};
+use crate::commands::output;
 use crate::commands::status;
 use crate::observe::document::NodeStatus;
 
@@ -59,7 +60,7 @@ pub(super) async fn run(names: Vec<String>, ports: Vec<NodePorts>, stop: Cancell
             _ = second.tick() => {}
         }
         let line = report_line(&names, &ports, &mut monitors, started.elapsed()).await;
-        println!("{line}");
+        output::out(format_args!("{line}"));
     }
     while writers.join_next().await.is_some() {}
 }
@@ -93,7 +94,9 @@ async fn writer(index: usize, nodes: usize, name: String, url: String, stop: Can
             Ok(()) => last_error.clear(),
             Err(e) => {
                 if e != last_error {
-                    eprintln!("pgmm demo: workload on node {name}: {e} (retrying)");
+                    output::err(format_args!(
+                        "pgmm demo: workload on node {name}: {e} (retrying)"
+                    ));
                     last_error = e;
                 }
                 session = None;

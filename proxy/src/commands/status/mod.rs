@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError};
-use crate::pg::pg_error_text;
 use crate::observe::document::{NodeStatus, PeerStatus};
+use crate::pg::pg_error_text;
 
 /// How long the node's endpoint and database may take to answer: they are local and a status
 /// command that hangs is worse than one that says "no answer".

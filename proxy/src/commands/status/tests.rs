@@ -1,9 +1,9 @@
 use std::collections::BTreeMap;
 
-use crate::observe::document::PeerStatus;
 use super::http::parse_response;
 use super::render::{bytes, table};
 use super::*;
+use crate::observe::document::PeerStatus;
 
 fn report() -> Report {
     Report {

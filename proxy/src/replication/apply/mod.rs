@@ -46,16 +46,28 @@ use thiserror::Error;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::replication::changeset::{Change, ChangeSet, TableDesc};
-use crate::config::{OwnerSpec, PostgresConfig, ReplicationConfig};
-use crate::replication::metrics::ReplicationMetrics;
-use crate::pg::pg_error_text;
 use crate::config::owners::{OwnerRules, Verdict};
-use crate::replication::pgoutput::{format_lsn, parse_lsn, Datum, Lsn};
 use crate::config::table::TableName;
+use crate::config::{OwnerSpec, PostgresConfig, ReplicationConfig};
+use crate::pg::pg_error_text;
+use crate::replication::changeset::{Change, ChangeSet, TableDesc};
+use crate::replication::metrics::ReplicationMetrics;
+use crate::replication::pgoutput::{format_lsn, parse_lsn, Datum, Lsn};
 
-pub use crate::pg::names::origin_name;
 pub use receiver::{Receiver, LINK_SILENCE};
+
+/// Retries of one batch after a serialization failure or deadlock before the error is
+/// reported and the link dropped (a row so hot that every attempt loses is then visible).
+const MAX_RETRIES: u32 = 20;
+/// First pause before a retry; it doubles up to [`MAX_RETRY_PAUSE`], so twenty retries span
+/// a few seconds at most.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+const MAX_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The replication origin (and slot) name pgmm uses for `node`.
+pub fn origin_name(node: &str) -> String {
+    format!("pgmm_{node}")
+}
 
 /// Why a remote transaction could not be applied. The transaction is rolled back and not
 /// acknowledged, so the sender keeps it and sends it again after reconnecting.
@@ -103,6 +115,15 @@ impl ApplyError {
                 .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
             ApplyError::Malformed(_) => "08P01".into(),
         }
+    }
+
+    /// A failure a second attempt in the same session can cure: a local write raced with the
+    /// batch (see [`crate::replication::metrics::RETRIED_SQLSTATES`]).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::Statement { .. } | ApplyError::Database { .. }
+        ) && crate::replication::metrics::RETRIED_SQLSTATES.contains(&self.sqlstate().as_str())
     }
 
     fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
@@ -424,11 +445,38 @@ impl Applier {
     /// the commit waits for the WAL flush, which makes the batch (and everything before it)
     /// durable: only then may it be acknowledged. On error nothing of the batch is committed;
     /// [`BatchError::applied`] counts only the duplicates skipped.
+    ///
+    /// A serialization failure or deadlock with a local write (the only failures that a second
+    /// attempt can cure) is retried here, in the same session, after a short growing pause, up
+    /// to [`MAX_RETRIES`] times; each retry is counted in `pgmm_apply_retries_total`. Dropping
+    /// the link for them made the sender resend everything in flight, which under contention
+    /// was most of the catch-up delay.
     pub async fn apply_batch(
         &mut self,
         batch: &[RemoteTx],
         sync: bool,
     ) -> Result<Applied, BatchError> {
+        let mut pause = RETRY_PAUSE;
+        let mut attempt = 0;
+        loop {
+            match self.apply_once(batch, sync).await {
+                Err(e) if attempt < MAX_RETRIES && e.error.is_retryable() => {
+                    let sqlstate = e.error.sqlstate();
+                    attempt += 1;
+                    self.metrics
+                        .apply_retries
+                        .with_label_values(&[self.origin_node.as_str(), sqlstate.as_str()])
+                        .inc();
+                    tracing::debug!(origin = %self.origin_node, %sqlstate, attempt, "apply batch rolled back by a concurrent local write; applying it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(&mut self, batch: &[RemoteTx], sync: bool) -> Result<Applied, BatchError> {
         let mut applied = Applied::default();
         let fresh: Vec<&RemoteTx> = batch
             .iter()

@@ -18,11 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{origin_name, Applier, ApplyError, BatchError, Path, RemoteTx};
-use crate::config::{PostgresConfig, ReplicationConfig};
-use crate::replication::metrics::ReplicationMetrics;
-use crate::pg::pg_error_text;
 use crate::config::owners::OwnerRules;
-use crate::replication::peer::{self, Body, FrameError, PeerIdentity, PeerMetrics, ResumeSource, ServerTls};
+use crate::config::{PostgresConfig, ReplicationConfig};
+use crate::pg::pg_error_text;
+use crate::replication::metrics::ReplicationMetrics;
+use crate::replication::peer::{
+    self, Body, FrameError, HandshakeLimit, HandshakePermit, PeerIdentity, PeerMetrics,
+    ResumeSource, ServerTls,
+};
 use crate::replication::pgoutput::{parse_lsn, pg_epoch_micros, Lsn};
 
 /// How often each end of a link says it is alive.
@@ -114,6 +117,9 @@ pub struct Receiver {
     /// Per peer: wakes our shipper to that peer when the peer links in, since a node that
     /// links in is up and our shipper need not wait out its backoff to find out.
     pub wake: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// `[peer] max_pending_handshakes`: how many accepted connections may be in their
+    /// handshake at once.
+    handshakes: HandshakeLimit,
     origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
 }
 
@@ -129,8 +135,10 @@ impl Receiver {
         metrics: ReplicationMetrics,
         wake: HashMap<String, Arc<tokio::sync::Notify>>,
         rules: Arc<OwnerRules>,
+        max_pending_handshakes: usize,
     ) -> Receiver {
         Receiver {
+            handshakes: HandshakeLimit::new(max_pending_handshakes, &peer_metrics),
             rules,
             identity,
             nodes,
@@ -156,10 +164,14 @@ impl Receiver {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, remote)) => {
+                    // Over the cap, the connection is dropped here, before anything is read.
+                    let Some(permit) = self.handshakes.try_acquire(Some(remote)) else {
+                        continue;
+                    };
                     let this = self.clone();
                     let shutdown = shutdown.clone();
-                    tracker.spawn(async move { this.link(stream, shutdown).await });
+                    tracker.spawn(async move { this.link(stream, permit, shutdown).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "peer link accept failed");
@@ -185,7 +197,13 @@ impl Receiver {
             .clone()
     }
 
-    async fn link(self: Arc<Self>, stream: tokio::net::TcpStream, shutdown: CancellationToken) {
+    /// `permit` is this connection's handshake slot, held until the handshake has ended.
+    async fn link(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        permit: HandshakePermit,
+        shutdown: CancellationToken,
+    ) {
         let handshake = tokio::select! {
             _ = shutdown.cancelled() => return,
             h = peer::accept(
@@ -197,6 +215,7 @@ impl Receiver {
                 &self.progress,
             ) => h,
         };
+        drop(permit);
         // The handshake logged and counted its own failure.
         let Ok((conn, node)) = handshake else { return };
         if let Some(wake) = self.wake.get(&node) {

@@ -71,11 +71,6 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    /// Sleeps for [`Backoff::next_delay`].
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next_delay()).await;
-    }
-
     /// `min(cap, base * 2^attempt)`, without overflowing.
     fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);

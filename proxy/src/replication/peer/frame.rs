@@ -7,9 +7,11 @@
 //! ignore it; an envelope of another major [`WIRE_VERSION`] is refused outright.
 //!
 //! Frames are a 4-byte big-endian length followed by the payload (tokio-util's
-//! `LengthDelimitedCodec` defaults), limited to [`MAX_FRAME_BYTES`]: the reader rejects an
-//! oversized header before buffering any of the body, so a hostile or confused peer cannot make
-//! us allocate more than the limit.
+//! `LengthDelimitedCodec` defaults), limited to [`MAX_FRAME_BYTES`] once the peer is
+//! authenticated and to [`HANDSHAKE_MAX_FRAME_BYTES`] before: the reader rejects an oversized
+//! header before buffering any of the body, so a hostile or confused peer cannot make us
+//! allocate more than the limit, and a connection that has not proved the secret cannot make us
+//! allocate more than a few kilobytes.
 
 use std::fmt;
 use std::io;
@@ -30,6 +32,22 @@ pub const WIRE_VERSION: u16 = 1;
 /// Largest payload of one frame. One frame carries one whole transaction, so this caps the
 /// transaction size a link can ship; it also bounds what a peer can make us buffer.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest payload of one frame before the peer is authenticated (both directions of the
+/// handshake read with it). Anyone who can reach the peer port can open a connection, and the
+/// reader buffers a whole frame before decoding it, so with [`MAX_FRAME_BYTES`] each
+/// unauthenticated connection could make this node hold 64 MiB.
+///
+/// The limit is derived from what the handshake sends: every handshake message is a few
+/// fixed-size fields (protocol, 32-byte nonces, 32-byte HMAC-SHA256 proofs, the message and
+/// field names, about 150 bytes) plus node names (at most 58 bytes, config-validated), the
+/// cluster name (at most [`crate::config::MAX_CLUSTER_NAME_BYTES`], config-validated) and, in `Refused`, a
+/// reason that quotes at most two such names `{:?}`-escaped (at most 6 bytes per byte, for a
+/// control character as `\u{1f}`). The largest legitimate message is therefore a `Refused` for
+/// a cluster mismatch at about 2 × 255 × 6 + 200 ≈ 3.3 KiB (a test in `handshake.rs` builds
+/// it); 8 KiB leaves room for fields a newer peer may add to its handshake messages, and is
+/// still 8,192 times less than the post-handshake limit.
+pub const HANDSHAKE_MAX_FRAME_BYTES: usize = 8 * 1024;
 
 /// One frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +211,7 @@ fn is_too_large(e: &io::Error) -> bool {
 }
 
 /// Serializes `body` in an envelope of this node's [`WIRE_VERSION`].
+#[cfg(test)]
 pub fn encode_envelope(body: &Body) -> Result<Vec<u8>, FrameError> {
     let envelope = EnvelopeRef {
         version: WIRE_VERSION,
@@ -292,6 +311,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(8 * 1024),
             codec: codec(max_frame),
         }
+    }
+
+    /// Changes the largest frame accepted from the next header on: raised from
+    /// [`HANDSHAKE_MAX_FRAME_BYTES`] to [`MAX_FRAME_BYTES`] once the handshake authenticated
+    /// the peer. Called between frames (after `recv` returned a whole one), so no header
+    /// already checked against the old limit is pending.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.codec.set_max_frame_length(max_frame);
     }
 
     /// The next message; `None` when the peer closed the connection between frames. After any

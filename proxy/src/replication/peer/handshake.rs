@@ -81,6 +81,10 @@ pub enum HandshakeError {
     Tls(std::io::Error),
     #[error("the handshake did not complete within {0:?}")]
     Timeout(std::time::Duration),
+    /// `[peer] max_pending_handshakes` handshakes were already running: the connection was
+    /// closed as soon as it was accepted, before reading anything from it.
+    #[error("{0} peer handshakes were already in progress ([peer] max_pending_handshakes); connection closed")]
+    TooManyHandshakes(usize),
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -98,6 +102,8 @@ impl HandshakeError {
             HandshakeError::Unavailable { .. } => "unavailable",
             HandshakeError::Tls(_) => "tls",
             HandshakeError::Timeout(_) => "timeout",
+            HandshakeError::TooManyHandshakes(_) => "too_many_handshakes",
+            HandshakeError::Frame(FrameError::TooLarge { .. }) => "frame_too_large",
             HandshakeError::Frame(FrameError::Io(_) | FrameError::Closed)
             | HandshakeError::Frame(FrameError::UnexpectedEof) => "closed",
             HandshakeError::Unexpected { .. } | HandshakeError::Frame(_) => "protocol_violation",
@@ -125,6 +131,8 @@ impl HandshakeError {
             HandshakeError::Unavailable { .. } => "57P03",
             // connection_failure
             HandshakeError::Timeout(_) => "08006",
+            // too_many_connections
+            HandshakeError::TooManyHandshakes(_) => "53300",
             HandshakeError::Frame(e) => e.sqlstate(),
         }
     }
@@ -177,6 +185,7 @@ impl HandshakeError {
             HandshakeError::RefusedByPeer { .. }
             | HandshakeError::Tls(_)
             | HandshakeError::Timeout(_)
+            | HandshakeError::TooManyHandshakes(_)
             | HandshakeError::Frame(_) => return None,
         })
     }
@@ -208,6 +217,8 @@ pub(crate) const LABELS: &[&str] = &[
     "tls",
     "timeout",
     "closed",
+    "frame_too_large",
+    "too_many_handshakes",
 ];
 
 /// Where the server wants a connecting node's changes to start from: in pgmm, that node's
@@ -527,6 +538,7 @@ mod tests {
             },
             HandshakeError::Tls(io()),
             HandshakeError::Timeout(std::time::Duration::from_secs(1)),
+            HandshakeError::TooManyHandshakes(4),
             HandshakeError::Frame(FrameError::Io(io())),
             HandshakeError::Frame(FrameError::Closed),
             HandshakeError::Frame(FrameError::UnexpectedEof),
@@ -557,6 +569,77 @@ mod tests {
                 assert_eq!(kind_label(kind), err.label(), "{err:?}");
             }
         }
+    }
+
+    /// The largest handshake messages a legitimate peer can send, built from the longest
+    /// names the config accepts, fit [`HANDSHAKE_MAX_FRAME_BYTES`] with room to spare.
+    #[test]
+    fn handshake_frame_limit_fits_every_handshake_message() {
+        use crate::replication::peer::frame::{encode_envelope, HANDSHAKE_MAX_FRAME_BYTES};
+        // Node names are [a-z0-9_], at most 58 bytes; a cluster name is any text up to 255
+        // bytes, and a control character is the worst case for the `{:?}` in refusal reasons.
+        let node = "n".repeat(58);
+        let other = "m".repeat(58);
+        use crate::config::MAX_CLUSTER_NAME_BYTES;
+        let cluster = "\u{1f}".repeat(MAX_CLUSTER_NAME_BYTES);
+        let other_cluster = "\u{1e}".repeat(MAX_CLUSTER_NAME_BYTES);
+        let mut bodies = vec![
+            Body::Hello {
+                protocol: u16::MAX,
+                cluster: cluster.clone(),
+                node: node.clone(),
+                nonce: [0xff; NONCE_LEN],
+            },
+            Body::Challenge {
+                protocol: u16::MAX,
+                cluster: cluster.clone(),
+                node: node.clone(),
+                nonce: [0xff; NONCE_LEN],
+                proof: vec![0xff; 32],
+            },
+            Body::Proof {
+                proof: vec![0xff; 32],
+            },
+            Body::Welcome(Welcome {
+                resume_from: u64::MAX,
+            }),
+        ];
+        for err in [
+            HandshakeError::AuthenticationFailed {
+                peer: other.clone(),
+            },
+            HandshakeError::UnknownNode {
+                node: other.clone(),
+            },
+            HandshakeError::ClusterMismatch {
+                ours: cluster.clone(),
+                theirs: other_cluster.clone(),
+            },
+            HandshakeError::UnsupportedProtocol { theirs: u16::MAX },
+            HandshakeError::WrongPeer {
+                expected: other.clone(),
+                actual: other.clone(),
+            },
+            HandshakeError::Unexpected {
+                expected: "Challenge",
+                got: "Transaction",
+            },
+            HandshakeError::Unavailable {
+                node: other.clone(),
+                message: "x".repeat(100_000),
+            },
+        ] {
+            let (kind, reason) = err.refusal(&node).expect("a refusal");
+            bodies.push(Body::Refused { reason, kind });
+        }
+        let largest = bodies
+            .iter()
+            .map(|b| encode_envelope(b).unwrap().len())
+            .max()
+            .unwrap();
+        // What the limit's doc comment says: about 3.3 KiB, at most half the limit.
+        assert!(largest > 3000, "{largest}");
+        assert!(largest <= HANDSHAKE_MAX_FRAME_BYTES / 2, "{largest}");
     }
 
     #[test]

@@ -17,6 +17,12 @@
 //! Failures of the handshake are logged with their reason on the node that sees them and
 //! counted in `pgmm_peer_handshake_failures_total{reason}`; failing to reach the peer at all
 //! (connection refused) is not a handshake failure and is left to the caller's [`Backoff`].
+//!
+//! What an unauthenticated connection can cost the accepting node is bounded: it reads frames
+//! of at most [`HANDSHAKE_MAX_FRAME_BYTES`] until the handshake has verified the peer's proof
+//! (then [`MAX_FRAME_BYTES`]), gets [`HANDSHAKE_TIMEOUT`] to finish, and at most
+//! `[peer] max_pending_handshakes` handshakes run at once ([`HandshakeLimit`]); a connection
+//! over that cap is closed as soon as it is accepted.
 
 mod backoff;
 mod frame;
@@ -30,14 +36,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use std::sync::Arc;
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use ring::hmac;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use backoff::{Backoff, BACKOFF_BASE};
-pub use frame::{Body, FrameError, Welcome, MAX_FRAME_BYTES};
+pub use frame::{Body, FrameError, Welcome, HANDSHAKE_MAX_FRAME_BYTES, MAX_FRAME_BYTES};
 pub use handshake::{HandshakeError, ResumeSource, PROTOCOL_VERSION};
 pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
 
@@ -93,14 +102,6 @@ impl PeerError {
             PeerError::Tls(e) => e.sqlstate(),
         }
     }
-
-    /// The handshake failure, if that is what this is.
-    pub fn handshake(&self) -> Option<&HandshakeError> {
-        match self {
-            PeerError::Handshake { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// The shared secret of a cluster, as an HMAC key. It is only ever used as a key: never
@@ -118,6 +119,7 @@ impl fmt::Debug for Secret {
 
 impl Secret {
     /// Refuses a secret shorter than [`MIN_SECRET_LEN`] bytes.
+    #[cfg(test)]
     pub fn new(bytes: &[u8]) -> Result<Secret, PeerError> {
         Self::checked(bytes, None)
     }
@@ -202,6 +204,7 @@ impl PeerIdentity {
 #[derive(Clone)]
 pub struct PeerMetrics {
     handshake_failures: IntCounterVec,
+    handshakes_in_progress: IntGauge,
 }
 
 impl PeerMetrics {
@@ -218,10 +221,25 @@ impl PeerMetrics {
         for label in handshake::LABELS {
             handshake_failures.with_label_values(&[label]);
         }
-        Ok(PeerMetrics { handshake_failures })
+        let handshakes_in_progress = IntGauge::new(
+            "pgmm_peer_handshakes_in_progress",
+            "Accepted peer connections whose handshake is running (at most [peer] max_pending_handshakes).",
+        )?;
+        registry.register(Box::new(handshakes_in_progress.clone()))?;
+        Ok(PeerMetrics {
+            handshake_failures,
+            handshakes_in_progress,
+        })
+    }
+
+    /// Accepted connections whose handshake is running now.
+    #[cfg(test)]
+    pub fn handshakes_in_progress(&self) -> i64 {
+        self.handshakes_in_progress.get()
     }
 
     /// The current count for one `reason`.
+    #[cfg(test)]
     pub fn handshake_failures(&self, reason: &str) -> u64 {
         self.handshake_failures.with_label_values(&[reason]).get()
     }
@@ -230,6 +248,71 @@ impl PeerMetrics {
         self.handshake_failures
             .with_label_values(&[err.label()])
             .inc();
+    }
+}
+
+/// The cap on handshakes running at once on the accepting side (`[peer] max_pending_handshakes`).
+///
+/// A connection over the cap is closed at once rather than made to wait: waiting would keep its
+/// socket and task alive anyway (what the cap is for is bounding those), and a legitimate peer
+/// refused this way retries on its [`Backoff`], by which time the burst has usually cleared
+/// (each pending handshake ends within [`HANDSHAKE_TIMEOUT`]). It is counted as
+/// `too_many_handshakes`; the peer sees the connection closed.
+#[derive(Clone)]
+pub struct HandshakeLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+    metrics: PeerMetrics,
+}
+
+/// One running handshake's share of a [`HandshakeLimit`]; dropping it frees the slot.
+pub struct HandshakePermit {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl HandshakeLimit {
+    /// At most `max` (at least 1) handshakes at once, counted in `metrics`.
+    pub fn new(max: usize, metrics: &PeerMetrics) -> HandshakeLimit {
+        let max = max.max(1);
+        HandshakeLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// A slot for the handshake of a connection just accepted from `remote`, or `None` when
+    /// all are taken: then the refusal has been counted and the caller drops the connection.
+    pub fn try_acquire(&self, remote: Option<std::net::SocketAddr>) -> Option<HandshakePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.metrics.handshakes_in_progress.inc();
+                Some(HandshakePermit {
+                    _permit: permit,
+                    gauge: self.metrics.handshakes_in_progress.clone(),
+                })
+            }
+            Err(_) => {
+                let err = HandshakeError::TooManyHandshakes(self.max);
+                self.metrics.count(&err);
+                // Debug, not warn: a flood of these would otherwise flood the log too; the
+                // counter is what an operator watches.
+                tracing::debug!(
+                    remote = ?remote,
+                    reason = err.label(),
+                    error = %err,
+                    "peer connection refused"
+                );
+                None
+            }
+        }
     }
 }
 
@@ -242,18 +325,20 @@ type BoxIo = Box<dyn Io>;
 pub struct PeerConnection {
     sender: PeerSender,
     receiver: PeerReceiver,
+    /// The version both ends agreed on (logged when the link is made); the tests read it.
+    #[cfg(test)]
     protocol: u16,
 }
 
 /// The sending half of a [`PeerConnection`].
 pub struct PeerSender {
+    #[cfg(test)]
     peer: String,
     writer: FrameWriter<WriteHalf<BoxIo>>,
 }
 
 /// The receiving half of a [`PeerConnection`].
 pub struct PeerReceiver {
-    peer: String,
     reader: FrameReader<ReadHalf<BoxIo>>,
 }
 
@@ -266,30 +351,37 @@ impl PeerConnection {
         peer: String,
         protocol: u16,
     ) -> Self {
+        tracing::debug!(%peer, protocol, "peer link authenticated");
         PeerConnection {
             sender: PeerSender {
-                peer: peer.clone(),
+                #[cfg(test)]
+                peer,
                 writer,
             },
-            receiver: PeerReceiver { peer, reader },
+            receiver: PeerReceiver { reader },
+            #[cfg(test)]
             protocol,
         }
     }
 
     /// The peer's node name, as authenticated by the handshake.
+    #[cfg(test)]
     pub fn peer(&self) -> &str {
         &self.sender.peer
     }
 
     /// The protocol version both ends agreed on.
+    #[cfg(test)]
     pub fn protocol(&self) -> u16 {
         self.protocol
     }
 
+    #[cfg(test)]
     pub async fn send(&mut self, body: &Body) -> Result<(), FrameError> {
         self.sender.send(body).await
     }
 
+    #[cfg(test)]
     pub async fn recv(&mut self) -> Result<Option<Body>, FrameError> {
         self.receiver.recv().await
     }
@@ -301,10 +393,6 @@ impl PeerConnection {
 }
 
 impl PeerSender {
-    pub fn peer(&self) -> &str {
-        &self.peer
-    }
-
     /// Encodes `body` for the next [`PeerSender::flush`]. A message larger than
     /// [`MAX_FRAME_BYTES`] is refused here ([`FrameError::TooLarge`]) and nothing is queued.
     pub fn queue(&mut self, body: &Body) -> Result<(), FrameError> {
@@ -327,10 +415,6 @@ impl PeerSender {
 }
 
 impl PeerReceiver {
-    pub fn peer(&self) -> &str {
-        &self.peer
-    }
-
     /// The next message, `None` once the peer closed the link cleanly. Cancel-safe. After an
     /// error other than [`FrameError::UnknownMessage`], drop the link.
     pub async fn recv(&mut self) -> Result<Option<Body>, FrameError> {
@@ -400,7 +484,9 @@ async fn connect_with(
             _ => (Box::new(tcp), Vec::new()),
         };
         let (rd, wr) = tokio::io::split(io);
-        let mut reader = FrameReader::new(rd, MAX_FRAME_BYTES);
+        // The server is not authenticated until its Challenge verified: until then it gets no
+        // more than the accepting side gives us.
+        let mut reader = FrameReader::new(rd, HANDSHAKE_MAX_FRAME_BYTES);
         let mut writer = FrameWriter::new(wr, MAX_FRAME_BYTES);
         let (agreed, welcome) = handshake::client(
             &mut reader,
@@ -411,6 +497,7 @@ async fn connect_with(
             offered_protocol,
         )
         .await?;
+        reader.set_max_frame(MAX_FRAME_BYTES);
         Ok::<_, HandshakeError>((reader, writer, agreed, welcome))
     };
     let result = match tokio::time::timeout(timeout, handshake).await {
@@ -509,10 +596,13 @@ where
             None => (Box::new(stream), Vec::new()),
         };
         let (rd, wr) = tokio::io::split(io);
-        let mut reader = FrameReader::new(rd, MAX_FRAME_BYTES);
+        // Anyone can connect: until the client's proof verified, it may not make us buffer
+        // more than a handshake message.
+        let mut reader = FrameReader::new(rd, HANDSHAKE_MAX_FRAME_BYTES);
         let mut writer = FrameWriter::new(wr, MAX_FRAME_BYTES);
         let (agreed, welcome) =
             handshake::server(&mut reader, &mut writer, me, known_nodes, &binding, resume).await?;
+        reader.set_max_frame(MAX_FRAME_BYTES);
         Ok::<_, HandshakeError>((reader, writer, agreed, welcome))
     };
     let result = match tokio::time::timeout(timeout, handshake).await {

@@ -15,6 +15,7 @@ use super::frame::{
 };
 use super::handshake::MIN_PROTOCOL_VERSION;
 use super::*;
+use crate::config::DEFAULT_MAX_PENDING_HANDSHAKES;
 
 const SECRET: &[u8] = b"correct horse battery staple 0123456789";
 const CLUSTER: &str = "test-cluster";
@@ -561,7 +562,7 @@ async fn garbage_instead_of_hello_is_dropped_cleanly() {
         "{err}"
     );
     assert_eq!(err.sqlstate(), "08P01");
-    assert_eq!(srv.metrics.handshake_failures("protocol_violation"), 1);
+    assert_eq!(srv.metrics.handshake_failures("frame_too_large"), 1);
 
     // A well-formed frame around bytes that are not MessagePack.
     let srv = plain_server(identity("b", CLUSTER, SECRET)).await;
@@ -607,6 +608,103 @@ async fn garbage_instead_of_hello_is_dropped_cleanly() {
         "{err}"
     );
     assert_eq!(srv.metrics.handshake_failures("closed"), 1);
+}
+
+#[tokio::test]
+async fn before_authentication_only_a_handshake_sized_frame_is_read() {
+    // An unauthenticated client announces a 64 MiB frame (the post-handshake limit) and starts
+    // streaming it: refused at the header, before any of the body is buffered.
+    let srv = plain_server(identity("b", CLUSTER, SECRET)).await;
+    let mut raw = TcpStream::connect(&srv.addr).await.unwrap();
+    let announced = u32::try_from(MAX_FRAME_BYTES).unwrap();
+    raw.write_all(&announced.to_be_bytes()).await.unwrap();
+    // Best effort: the server may already have closed.
+    let _ = raw.write_all(&[0x80; 64 * 1024]).await;
+    let err = handshake_err(srv.task.await.unwrap());
+    assert!(
+        matches!(err, HandshakeError::Frame(FrameError::TooLarge { len: Some(n), max })
+            if n == MAX_FRAME_BYTES && max == HANDSHAKE_MAX_FRAME_BYTES),
+        "{err}"
+    );
+    assert_eq!(err.label(), "frame_too_large");
+    assert_eq!(srv.metrics.handshake_failures("frame_too_large"), 1);
+    assert_eq!(srv.metrics.handshake_failures("protocol_violation"), 0);
+
+    // One byte over the handshake limit is refused the same way...
+    let srv = plain_server(identity("b", CLUSTER, SECRET)).await;
+    let mut raw = TcpStream::connect(&srv.addr).await.unwrap();
+    let over = u32::try_from(HANDSHAKE_MAX_FRAME_BYTES + 1).unwrap();
+    raw.write_all(&over.to_be_bytes()).await.unwrap();
+    let err = handshake_err(srv.task.await.unwrap());
+    assert!(
+        matches!(err, HandshakeError::Frame(FrameError::TooLarge { len: Some(n), .. }) if n == HANDSHAKE_MAX_FRAME_BYTES + 1),
+        "{err}"
+    );
+
+    // ...while a frame of exactly the limit is read (and then fails as the garbage it is).
+    let srv = plain_server(identity("b", CLUSTER, SECRET)).await;
+    let mut raw = TcpStream::connect(&srv.addr).await.unwrap();
+    let at = u32::try_from(HANDSHAKE_MAX_FRAME_BYTES).unwrap();
+    raw.write_all(&at.to_be_bytes()).await.unwrap();
+    raw.write_all(&vec![0xc1; HANDSHAKE_MAX_FRAME_BYTES])
+        .await
+        .unwrap();
+    let err = handshake_err(srv.task.await.unwrap());
+    assert!(
+        matches!(err, HandshakeError::Frame(FrameError::Malformed(_))),
+        "{err}"
+    );
+    assert_eq!(srv.metrics.handshake_failures("protocol_violation"), 1);
+}
+
+#[tokio::test]
+async fn a_dialled_node_is_held_to_the_handshake_limit_until_it_has_proved_itself() {
+    // Something at a peer's address answers the Hello with a huge frame: the dialling node
+    // refuses it at the header too (the server is unauthenticated until its Challenge
+    // verified).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let announced = u32::try_from(MAX_FRAME_BYTES).unwrap();
+        stream.write_all(&announced.to_be_bytes()).await.unwrap();
+        // Hold the connection until the client has given up.
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    });
+    let m = metrics();
+    let err = connect(&addr, &identity("a", CLUSTER, SECRET), "b", None, &m)
+        .await
+        .err()
+        .unwrap();
+    let err = handshake_err(Err::<(), _>(err));
+    assert!(
+        matches!(err, HandshakeError::Frame(FrameError::TooLarge { max, .. }) if max == HANDSHAKE_MAX_FRAME_BYTES),
+        "{err}"
+    );
+    assert_eq!(m.handshake_failures("frame_too_large"), 1);
+    fake.await.unwrap();
+}
+
+#[test]
+fn handshake_limit_closes_what_it_cannot_admit_and_frees_slots() {
+    let m = metrics();
+    let limit = HandshakeLimit::new(2, &m);
+    let first = limit.try_acquire(None).expect("a free slot");
+    let second = limit.try_acquire(None).expect("a free slot");
+    assert_eq!(m.handshakes_in_progress(), 2);
+    assert!(limit.try_acquire(None).is_none());
+    assert!(limit.try_acquire(None).is_none());
+    assert_eq!(m.handshake_failures("too_many_handshakes"), 2);
+    drop(first);
+    assert_eq!(m.handshakes_in_progress(), 1);
+    let third = limit.try_acquire(None).expect("the freed slot");
+    assert_eq!(m.handshake_failures("too_many_handshakes"), 2);
+    drop((second, third));
+    assert_eq!(m.handshakes_in_progress(), 0);
+    // A limit of 0 would refuse every peer forever: it is raised to 1.
+    let one = HandshakeLimit::new(0, &m);
+    assert!(one.try_acquire(None).is_some());
 }
 
 #[tokio::test]
@@ -866,6 +964,7 @@ fn pki() -> Pki {
         tls_cert: Some(cert.clone()),
         tls_key: Some(key.clone()),
         tls_ca: Some(ca.clone()),
+        max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
     };
     let load = |cfg| PeerTls::from_config(&cfg).unwrap().unwrap();
     Pki {
@@ -987,6 +1086,7 @@ fn partial_tls_configuration_is_an_error() {
         tls_cert: Some("/c.pem".into()),
         tls_key: Some("/k.pem".into()),
         tls_ca: None,
+        max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
     };
     let err = PeerTls::from_config(&cfg).err().unwrap();
     assert!(err.to_string().contains("tls_ca"), "{err}");

@@ -89,6 +89,7 @@ pub fn pg_epoch_micros(time: SystemTime) -> i64 {
 }
 
 /// The inverse of [`pg_epoch_micros`], for lag computations on commit and send times.
+#[cfg(test)]
 pub fn system_time_from_pg_epoch(micros: i64) -> SystemTime {
     let pg_epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECS);
     let delta = Duration::from_micros(micros.unsigned_abs());
@@ -154,7 +155,7 @@ pub enum Message {
     Delete(Delete),
     Truncate(Truncate),
     /// Only sent when the slot is read with `messages 'true'` (pgmm does not ask for them).
-    Message(LogicalMessage),
+    Logical(LogicalMessage),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,12 +189,11 @@ pub struct Origin {
 /// Replica identity settings as sent in [`Relation::replica_identity`].
 pub mod replica_identity {
     /// Primary key (the default).
+    #[cfg(test)]
     pub const DEFAULT: u8 = b'd';
-    pub const NOTHING: u8 = b'n';
     /// The whole old row: UPDATE and DELETE carry an `O` tuple.
+    #[cfg(test)]
     pub const FULL: u8 = b'f';
-    /// A chosen unique index.
-    pub const INDEX: u8 = b'i';
 }
 
 /// The shape of a published table, sent before its first change in each session and again
@@ -221,6 +221,7 @@ impl Relation {
     }
 
     /// Position of a column by name.
+    #[cfg(test)]
     pub fn column_position(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }
@@ -278,6 +279,7 @@ pub struct Delete {
 
 impl Delete {
     /// The identifying tuple: exactly one of `key` and `old` is set by the decoder.
+    #[cfg(test)]
     pub fn identity(&self) -> Option<&Tuple> {
         self.key.as_ref().or(self.old.as_ref())
     }
@@ -348,6 +350,7 @@ impl Datum {
 
 /// Decodes one pgoutput message (one XLogData payload). Copies the input once; datums then
 /// share that copy. Use [`decode_bytes`] to avoid even that copy.
+#[cfg(test)]
 pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     decode_bytes(Bytes::copy_from_slice(buf))
 }
@@ -455,7 +458,7 @@ pub fn decode_bytes(buf: Bytes) -> Result<Message, DecodeError> {
             let len = r.count_i32("Message content length")?;
             let content = r.take(len, "Message content")?;
             (
-                Message::Message(LogicalMessage {
+                Message::Logical(LogicalMessage {
                     flags,
                     lsn,
                     prefix,
@@ -542,6 +545,7 @@ pub enum ReplicationMessage {
 }
 
 /// Decodes a CopyData payload of the replication stream (copies the input once).
+#[cfg(test)]
 pub fn decode_copy_data(buf: &[u8]) -> Result<ReplicationMessage, DecodeError> {
     decode_copy_data_bytes(Bytes::copy_from_slice(buf))
 }
@@ -612,6 +616,7 @@ pub struct RelationCache {
 }
 
 impl RelationCache {
+    #[cfg(test)]
     pub fn new() -> Self {
         Self::default()
     }
@@ -632,14 +637,17 @@ impl RelationCache {
         self.relations.get(&oid)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.relations.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.relations.is_empty()
     }
 
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = &Relation> {
         self.relations.values()
     }

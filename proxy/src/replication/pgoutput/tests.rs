@@ -67,7 +67,7 @@ fn tag(msg: &Message) -> char {
         Message::Update(_) => 'U',
         Message::Delete(_) => 'D',
         Message::Truncate(_) => 'T',
-        Message::Message(_) => 'M',
+        Message::Logical(_) => 'M',
     }
 }
 
@@ -409,14 +409,14 @@ fn binary_mode_datums() {
 fn logical_messages() {
     let msgs = decode_all(MESSAGES);
     assert_eq!(tags(&msgs), "MBMYRIC");
-    let Message::Message(outside) = &msgs[0].1 else {
+    let Message::Logical(outside) = &msgs[0].1 else {
         unreachable!()
     };
     assert!(!outside.transactional());
     assert_eq!(outside.prefix, "pgmm");
     assert_eq!(&outside.content[..], b"non-transactional");
     assert_eq!(outside.lsn, msgs[0].0);
-    let Message::Message(inside) = &msgs[2].1 else {
+    let Message::Logical(inside) = &msgs[2].1 else {
         unreachable!()
     };
     assert!(inside.transactional());

@@ -13,11 +13,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-use crate::pg::quote::replication_ident;
 use super::{
-    create_slot_command, parse_lsn, start_replication_command, ReplicationConfig,
-    ReplicationError, SystemId, DUPLICATE_OBJECT,
+    create_slot_command, parse_lsn, start_replication_command, ReplicationConfig, ReplicationError,
+    SystemId, DUPLICATE_OBJECT,
 };
+use crate::pg::quote::replication_ident;
 
 /// CopyBothResponse, which postgres-protocol's parser does not know (it has no replication
 /// support either), so it is framed here.
@@ -347,9 +347,12 @@ impl ReplicationConn {
 
     /// Drops a slot, which must not be in use (the server refuses with 55006 otherwise).
     pub async fn drop_slot(&mut self, slot: &str) -> Result<(), ReplicationError> {
-        self.simple_query(&format!("DROP_REPLICATION_SLOT {}", replication_ident(slot)))
-            .await
-            .map(drop)
+        self.simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            replication_ident(slot)
+        ))
+        .await
+        .map(drop)
     }
 
     /// Starts streaming a logical slot from `start_lsn` (0: from the slot's confirmed position),

@@ -176,7 +176,9 @@ fn start_replication_command(slot: &str, start_lsn: u64, options: &[(&str, &str)
     if !options.is_empty() {
         let options: Vec<String> = options
             .iter()
-            .map(|(name, value)| format!("{} {}", replication_ident(name), replication_literal(value)))
+            .map(|(name, value)| {
+                format!("{} {}", replication_ident(name), replication_literal(value))
+            })
             .collect();
         sql.push_str(" (");
         sql.push_str(&options.join(", "));
