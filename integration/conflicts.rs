@@ -3,7 +3,7 @@
 //! (its Postgres keeps taking writes, which its slots keep for the peers); healing is starting
 //! it again.
 
-mod harness;
+use crate::harness;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,7 +1,7 @@
 //! End-to-end tests of pgmm's front door: a real PostgreSQL cluster behind a real `pgmm serve`, driven by
 //! psql, pgbench, tokio-postgres and raw sockets. Every test starts its own cluster and pgmm.
 
-mod harness;
+use crate::harness;
 
 use std::future::Future;
 use std::net::Shutdown;

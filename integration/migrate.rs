@@ -2,7 +2,7 @@
 //! the library and through `pgmm migrate`, and publication `pgmm` following `[replication]
 //! tables`. Every test starts its own cluster.
 
-mod harness;
+use crate::harness;
 
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -2,7 +2,7 @@
 //! before the handshake, and more handshakes at once than `[peer] max_pending_handshakes`. The
 //! node must hold next to no memory for them, count what it refused, and keep replicating.
 
-mod harness;
+use crate::harness;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

@@ -4,7 +4,7 @@
 //! Tables are created on every node before pgmm starts where the test allows it: DDL is not
 //! replicated, and the start-up enrolment then publishes them before the first write.
 
-mod harness;
+use crate::harness;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! and a pgoutput stream whose confirmed position the server records. Each test starts its own
 //! throwaway cluster.
 
-mod harness;
+use crate::harness;
 
 use std::fs;
 use std::future::Future;

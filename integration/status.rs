@@ -4,7 +4,7 @@
 //! nodes still running, a conflict and a refusal counted, and a stopped node reported as not
 //! running with exit code 3.
 
-mod harness;
+use crate::harness;
 
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -4,11 +4,8 @@
 //! Everything here panics with a descriptive message instead of returning errors: a harness failure is a
 //! test failure, and the message is what the person reading the CI log needs.
 
-// Each test binary includes this module and uses a different subset of it.
-#![allow(dead_code)]
-
 mod cluster;
-mod pgmm;
+mod pgmm_process;
 mod postgres;
 pub mod wire;
 
@@ -18,12 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-// Re-exported for whichever test binary needs them.
-#[allow(unused_imports)]
 pub use cluster::{ClusterOptions, Db, NodeOverride, TestCluster};
-#[allow(unused_imports)]
-pub use pgmm::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions, PgmmPorts, StartFailure};
-#[allow(unused_imports)]
+pub use pgmm_process::{http_get, PeerOptions, Pgmm, PgmmOptions, PgmmPorts};
 pub use postgres::{
     bindir_of_major, pg_bindir, pg_major, PgCluster, PgOptions, MD5_USER, SCRAM_USER,
 };

@@ -426,11 +426,6 @@ impl PgCluster {
         self.port
     }
 
-    /// Where the server binaries (and psql, pgbench) live.
-    pub fn bindir(&self) -> &'static Path {
-        &self.inst.bindir
-    }
-
     pub fn bin(&self, program: &str) -> PathBuf {
         self.inst.bindir.join(program)
     }

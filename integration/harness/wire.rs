@@ -102,21 +102,6 @@ pub fn error_fields(body: &[u8]) -> Vec<(char, String)> {
 pub struct Closed {
     /// Messages received before the end (ErrorResponse and the like).
     pub messages: Vec<(u8, Vec<u8>)>,
-    /// The error that ended the connection, `None` for a clean EOF.
-    pub error: Option<io::Error>,
-}
-
-impl Closed {
-    /// SQLSTATEs of the ErrorResponses received.
-    pub fn sqlstates(&self) -> Vec<String> {
-        self.messages
-            .iter()
-            .filter(|(tag, _)| *tag == b'E')
-            .flat_map(|(_, body)| error_fields(body))
-            .filter(|(code, _)| *code == 'C')
-            .map(|(_, v)| v)
-            .collect()
-    }
 }
 
 /// Reads until the server closes the connection (EOF or reset); panics if it is still open after
@@ -132,21 +117,12 @@ pub fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Closed {
         s.set_read_timeout(Some(left)).expect("set read timeout");
         match read_message(s) {
             Ok(Some(m)) => messages.push(m),
-            Ok(None) => {
-                return Closed {
-                    messages,
-                    error: None,
-                }
-            }
+            Ok(None) => return Closed { messages },
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 panic!("server kept the connection open for {timeout:?}; received {messages:?}")
             }
-            Err(e) => {
-                return Closed {
-                    messages,
-                    error: Some(e),
-                }
-            }
+            // A reset ends the connection as surely as an EOF does.
+            Err(_) => return Closed { messages },
         }
     }
 }

@@ -61,6 +61,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 /// test can run several nodes in one process.
 pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     let registry = Arc::new(observe::new_registry()?);
+    let pool = crate::pg::pool::pool(&config.postgres);
     let door_metrics = FrontDoorMetrics::register(&registry)?;
     let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
     // Metrics first: while the node waits for its Postgres, /healthz shows the process is up
@@ -72,6 +73,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
                 config: Arc::new(config.clone()),
                 registry: registry.clone(),
                 refusals: door.refusals.clone(),
+                pool: pool.clone(),
             };
             Some(tokio::spawn(admin::serve(
                 listener,
@@ -83,22 +85,27 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
     };
     // Schema, publication and slots exist before the first client gets in, so every write
     // made through pgmm is captured.
-    let replication =
-        match ReplicationNode::start(&config, &registry, door.ddl_seen.clone(), shutdown.clone())
-            .await
-        {
-            Ok(node) => node,
-            Err(NodeError::Cancelled) => {
-                if let Some(task) = metrics_task {
-                    let _ = task.await;
-                }
-                return Ok(());
+    let replication = match ReplicationNode::start(
+        &config,
+        &registry,
+        &pool,
+        door.ddl_seen.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
+        Ok(node) => node,
+        Err(NodeError::Cancelled) => {
+            if let Some(task) = metrics_task {
+                let _ = task.await;
             }
-            Err(e) => {
-                shutdown.cancel();
-                return Err(e.into());
-            }
-        };
+            return Ok(());
+        }
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e.into());
+        }
+    };
     let listener = match frontdoor::bind(&config.client.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -22,6 +22,7 @@ use crate::config::owners::OwnerRules;
 use crate::config::Config;
 use crate::observe::MetricsError;
 use crate::pg::pg_error_text;
+use crate::pg::pool::{self, Pool};
 use crate::replication::apply::{origin_name, Receiver};
 use crate::replication::capture::Shipper;
 use crate::replication::metrics::ReplicationMetrics;
@@ -121,6 +122,7 @@ impl ReplicationNode {
     pub async fn start(
         config: &Config,
         registry: &Registry,
+        pool: &Pool,
         ddl_seen: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<ReplicationNode, NodeError> {
@@ -247,9 +249,10 @@ impl ReplicationNode {
             tasks.spawn(shipper.run(peer.clone(), wake[&peer.name].clone(), shutdown.clone()));
         }
 
+        drop(client);
         tasks.spawn(enrol_loop(
             config.clone(),
-            client,
+            pool.clone(),
             metrics.clone(),
             rules,
             ddl_seen,
@@ -257,12 +260,14 @@ impl ReplicationNode {
         ));
         tasks.spawn(tombstone_purge(
             config.clone(),
+            pool.clone(),
             peers.clone(),
             metrics.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(slot_monitor::monitor(
             config.clone(),
+            pool.clone(),
             peers,
             metrics,
             shutdown.clone(),
@@ -304,7 +309,7 @@ async fn connect_when_up(
 /// without a restart. A table that cannot replicate is reported and left out; the others go on.
 async fn enrol_loop(
     config: Config,
-    mut client: Client,
+    pool: Pool,
     metrics: ReplicationMetrics,
     rules: Arc<OwnerRules>,
     ddl_seen: Arc<Notify>,
@@ -323,16 +328,15 @@ async fn enrol_loop(
                 }
             }
         }
-        if client.is_closed() {
-            match crate::pg::connect(&config.postgres).await {
-                Ok(c) => client = c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "enrolment check skipped");
-                    continue;
-                }
+        let mut pooled = match pool::get(&pool, &config.postgres).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "enrolment check skipped");
+                continue;
             }
-        }
-        let checked = match enrol::checked_tables(&client, &config.replication).await {
+        };
+        let client: &mut Client = &mut pooled;
+        let checked = match enrol::checked_tables(&*client, &config.replication).await {
             Ok(checked) => checked,
             Err(e) => {
                 metrics.enrolment_errors.inc();
@@ -351,7 +355,7 @@ async fn enrol_loop(
             match verdict {
                 // A table is published only once its triggers are in place, so that every
                 // write shipped from it is stamped.
-                Ok(t) => match guard::install(&client, &t, &ctx).await {
+                Ok(t) => match guard::install(client, &t, &ctx).await {
                     Ok(()) => tables.push(t),
                     Err(e) => problems.push(e.to_string()),
                 },
@@ -366,7 +370,7 @@ async fn enrol_loop(
             }
         }
         reported = problems;
-        match enrol::sync_publication(&mut client, &tables).await {
+        match enrol::sync_publication(client, &tables).await {
             Ok(_) => metrics.enrolled_tables.set(tables.len() as i64),
             Err(e) => {
                 metrics.enrolment_errors.inc();
@@ -384,23 +388,26 @@ const TOMBSTONE_PURGE_INTERVAL: Duration = Duration::from_secs(600);
 /// written; with a slot missing, nothing is purged (that peer's position is unknown).
 async fn tombstone_purge(
     config: Config,
+    pool: Pool,
     peers: Vec<String>,
     metrics: ReplicationMetrics,
     shutdown: CancellationToken,
 ) {
     let slots: Vec<String> = peers.iter().map(|p| origin_name(p)).collect();
     let retention = format!("{} hours", config.replication.tombstone_retention_hours);
-    let mut client: Option<Client> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(TOMBSTONE_PURGE_INTERVAL) => {}
         }
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = crate::pg::connect(&config.postgres).await.ok();
-        }
-        let Some(c) = &client else { continue };
-        match purge_tombstones(c, &slots, &retention).await {
+        let client = match pool::get(&pool, &config.postgres).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "tombstone purge skipped");
+                continue;
+            }
+        };
+        match purge_tombstones(&client, &slots, &retention).await {
             Ok(0) => {}
             Ok(n) => {
                 metrics.tombstones_purged.inc_by(n);

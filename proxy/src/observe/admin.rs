@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::observe::document::NodeStatus;
 use crate::observe::last_hour::LastHour;
 use crate::observe::readiness::Readiness;
+use crate::pg::pool::Pool;
 
 /// What `/readyz` and `/status` read; owned by the node and passed in, never global.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     /// The front door's refusals (`FrontDoor::refusals`).
     pub refusals: Arc<LastHour>,
+    /// pgmm's own connections to the local Postgres, for the `/readyz` probe.
+    pub pool: Pool,
 }
 
 /// `/readyz`: the local Postgres and every peer. `/readyz?peers=ignore`: the local Postgres
@@ -38,7 +41,8 @@ async fn readyz(State(admin): State<Admin>, uri: axum::http::Uri) -> impl IntoRe
     let require_peers = !uri
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "peers=ignore"));
-    let readiness = Readiness::check(&admin.config, &admin.registry, require_peers).await;
+    let readiness =
+        Readiness::check(&admin.config, &admin.pool, &admin.registry, require_peers).await;
     let code = match readiness {
         Readiness::Ready | Readiness::ReadyWithout(_) => StatusCode::OK,
         Readiness::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,

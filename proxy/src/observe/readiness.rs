@@ -12,6 +12,7 @@ use prometheus::Registry;
 
 use crate::config::Config;
 use crate::observe::document::PeerGauges;
+use crate::pg::pool::Pool;
 
 /// How long the Postgres probe may take: probes are frequent and a slow answer is a bad one.
 const POSTGRES_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -27,13 +28,19 @@ pub enum Readiness {
 }
 
 impl Readiness {
-    /// Checks the local Postgres (a fresh `SELECT 1`, so a dead server is never hidden behind a
-    /// cached connection) and the peers' links.
+    /// Checks the local Postgres (a `SELECT 1` on a connection from pgmm's pool, which drops a
+    /// connection whose server went away, so a dead server is never hidden behind it) and the
+    /// peers' links.
     /// With `require_peers` false, only the local Postgres decides; down peers are still
     /// named (see [`Readiness::ReadyWithout`]).
-    pub async fn check(config: &Config, registry: &Registry, require_peers: bool) -> Readiness {
+    pub async fn check(
+        config: &Config,
+        pool: &Pool,
+        registry: &Registry,
+        require_peers: bool,
+    ) -> Readiness {
         let mut down = Vec::new();
-        if let Err(why) = probe_postgres(config).await {
+        if let Err(why) = probe_postgres(config, pool).await {
             down.push(format!("postgres: {why}"));
         }
         let peers = down_peers(config, registry);
@@ -81,9 +88,9 @@ pub(crate) fn down_peers(config: &Config, registry: &Registry) -> Vec<String> {
         .collect()
 }
 
-async fn probe_postgres(config: &Config) -> Result<(), String> {
+async fn probe_postgres(config: &Config, pool: &Pool) -> Result<(), String> {
     let probe = async {
-        let client = crate::pg::connect(&config.postgres)
+        let client = crate::pg::pool::get(pool, &config.postgres)
             .await
             .map_err(|e| e.to_string())?;
         client

@@ -7,16 +7,27 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::PostgresConfig;
 
 pub mod names;
+pub mod pool;
 pub mod quote;
 
-/// The local Postgres did not accept a connection.
+/// No connection to the local Postgres.
 #[derive(Debug, Error)]
-#[error("cannot connect to PostgreSQL at {host}:{port}: {}", pg_error_text(.source))]
-pub struct ConnectError {
-    pub host: String,
-    pub port: u16,
-    #[source]
-    pub source: tokio_postgres::Error,
+pub enum ConnectError {
+    /// Postgres refused or could not be reached.
+    #[error("cannot connect to PostgreSQL at {host}:{port}: {}", pg_error_text(.source))]
+    Refused {
+        host: String,
+        port: u16,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No pooled connection came free in time (see [`pool`]).
+    #[error("no connection to PostgreSQL at {host}:{port} from pgmm's pool: {detail}")]
+    Pool {
+        host: String,
+        port: u16,
+        detail: String,
+    },
 }
 
 impl ConnectError {
@@ -32,7 +43,7 @@ pub async fn connect(pg: &PostgresConfig) -> Result<Client, ConnectError> {
         .await
         .map_err(|source| {
             let (host, port) = pg.host_port();
-            ConnectError { host, port, source }
+            ConnectError::Refused { host, port, source }
         })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

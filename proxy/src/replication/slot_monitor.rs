@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::pg::names::origin_name;
 use crate::pg::pg_error_text;
+use crate::pg::pool::{self, Pool};
 use crate::replication::metrics::ReplicationMetrics;
 
 /// How often slot positions are read for the lag and retained-WAL gauges.
@@ -83,22 +84,26 @@ pub fn invalidated_message(slot: &str, peer: &str, reason: &str) -> String {
 /// has been invalidated (changes since then cannot reach that peer).
 pub async fn monitor(
     config: Config,
+    pool: Pool,
     peers: Vec<String>,
     metrics: ReplicationMetrics,
     shutdown: CancellationToken,
 ) {
     let slots: Vec<String> = peers.iter().map(|p| origin_name(p)).collect();
-    let mut client: Option<(Client, String)> = None;
+    let mut query: Option<String> = None;
     let mut reported: HashMap<String, Reported> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(SLOT_MONITOR_INTERVAL) => {}
         }
-        if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            client = connect(&config).await;
+        let Ok(c) = pool::get(&pool, &config.postgres).await else {
+            continue;
+        };
+        if query.is_none() {
+            query = slot_query_for(&c).await;
         }
-        let Some((c, query)) = &client else { continue };
+        let Some(query) = &query else { continue };
         let rows = match c.query(query.as_str(), &[&slots]).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -185,9 +190,8 @@ pub async fn monitor(
     }
 }
 
-/// A connection for the monitor and its query for that server's version.
-async fn connect(config: &Config) -> Option<(Client, String)> {
-    let client = crate::pg::connect(&config.postgres).await.ok()?;
+/// The monitor's query for the version of the server `client` is connected to.
+async fn slot_query_for(client: &Client) -> Option<String> {
     let version_num = match client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -198,7 +202,7 @@ async fn connect(config: &Config) -> Option<(Client, String)> {
             return None;
         }
     };
-    Some((client, slot_query(version_num)))
+    Some(slot_query(version_num))
 }
 
 #[cfg(test)]

@@ -291,11 +291,6 @@ impl Pgmm {
         }
     }
 
-    /// The `[node] name`.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     fn config_text(
         pg: &PgCluster,
         opts: &PgmmOptions,
@@ -373,11 +368,6 @@ impl Pgmm {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("pgmm.toml")
-    }
-
-    /// `postgres://user@127.0.0.1:client_port/db`, connecting through pgmm.
-    pub fn url(&self, user: &str, db: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/{db}", self.client_port)
     }
 
     /// libpq key/value connection string (also understood by tokio-postgres) through pgmm.
