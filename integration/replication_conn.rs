@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pgmm::testing::walsender::{
-    ReplicationConfig, ReplicationConn, ReplicationError, ReplicationStream,
+    ReplicationConn, ReplicationError, ReplicationStream, WalSenderConfig,
 };
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
@@ -103,8 +103,8 @@ impl TestPg {
         self.dir.path().to_path_buf()
     }
 
-    fn config(&self, user: &str, password: Option<&str>) -> ReplicationConfig {
-        ReplicationConfig {
+    fn config(&self, user: &str, password: Option<&str>) -> WalSenderConfig {
+        WalSenderConfig {
             host: "127.0.0.1".into(),
             port: self.port,
             user: user.into(),
@@ -349,7 +349,7 @@ async fn logical_stream_is_received_and_confirmed() {
     )
     .parse()
     .unwrap();
-    let cfg = ReplicationConfig::from_tokio_postgres(&url).unwrap();
+    let cfg = WalSenderConfig::from_tokio_postgres(&url).unwrap();
     let mut conn = within("connect", ReplicationConn::connect(&cfg))
         .await
         .unwrap();
@@ -487,7 +487,7 @@ async fn logical_stream_is_received_and_confirmed() {
     }
 
     // The same over the Unix socket, with a slot dropped by name.
-    let mut local = ReplicationConn::connect(&ReplicationConfig {
+    let mut local = ReplicationConn::connect(&WalSenderConfig {
         host: pg.socket_dir().to_str().unwrap().to_owned(),
         ..pg.config("postgres", None)
     })

@@ -65,7 +65,7 @@ pub fn main() -> ExitCode {
     // that stays down shows in the demo's own output (`--workload`, /readyz).
     init_tracing(match cli.command {
         Command::Demo { .. } => {
-            "warn,pgmm::replication::capture=error,pgmm::replication::peer=error,\
+            "warn,pgmm::replication::ship=error,pgmm::replication::peer=error,\
              pgmm::replication::apply::receiver=error"
         }
         Command::Status { .. } => "warn",

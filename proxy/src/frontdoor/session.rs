@@ -236,6 +236,22 @@ where
         .write_all(&startup)
         .await
         .map_err(|e| SessionError::Server(e.into()))?;
+    pipe(door, client_r, client_w, backend).await
+}
+
+/// The two relay loops of an established session, over any pair of streams (sockets in
+/// production, in-memory pipes with a scripted backend in the tests).
+async fn pipe<CR, CW, B>(
+    door: &FrontDoor,
+    client_r: CR,
+    client_w: CW,
+    backend: B,
+) -> Result<(), SessionError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite,
+{
     let (server_r, server_w) = tokio::io::split(backend);
     let pending = Pending::default();
     let up = client_to_server(door, client_r, server_w, &pending);
@@ -671,4 +687,152 @@ async fn emit<W: AsyncWrite + Unpin>(
         *buf = BytesMut::with_capacity(BUF_SIZE);
     }
     Ok(())
+}
+
+/// The relay driven over in-memory pipes: a scripted backend on one end, a client on the other,
+/// no Postgres and no sockets. What the integration tests show end to end, these pin down byte
+/// for byte: what is forwarded unchanged, and what a refusal replaces.
+#[cfg(test)]
+mod relay_tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use prometheus::Registry;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::frontdoor::metrics::FrontDoorMetrics;
+
+    const CONFIG: &str = r#"[node]
+name = "a"
+[cluster]
+name = "test"
+nodes = ["a", "b"]
+[client]
+listen = "127.0.0.1:6432"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/postgres"
+[[ownership]]
+table = "public.owned_by_b"
+owner = "b"
+"#;
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        message(b'Q', format!("{sql}\0").as_bytes())
+    }
+
+    /// A session relaying between a client pipe and a backend pipe; returns the far ends.
+    fn session() -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<()>) {
+        let config = Config::parse(CONFIG, Path::new("test.toml")).expect("test config");
+        let metrics = FrontDoorMetrics::register(&Registry::new()).expect("metrics");
+        let door = Arc::new(FrontDoor::from_config(&config, metrics).expect("front door"));
+        let (client, client_end) = duplex(64 * 1024);
+        let (backend, backend_end) = duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(client_end);
+            let _ = pipe(&door, r, w, backend_end).await;
+        });
+        (client, backend, task)
+    }
+
+    /// Reads exactly `n` bytes, failing the test instead of hanging it.
+    async fn read_n(s: &mut DuplexStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("bytes within 5 s")
+            .expect("read");
+        buf
+    }
+
+    /// One typed message from `s`.
+    async fn read_message(s: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let head = read_n(s, 5).await;
+        let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        (head[0], read_n(s, len - 4).await)
+    }
+
+    #[tokio::test]
+    async fn statements_and_answers_cross_unchanged() {
+        let (mut client, mut backend, _task) = session();
+        let mut sent = query("select 1");
+        // A pipeline of the extended protocol in the same write: Parse, Bind, Execute, Sync.
+        sent.extend(message(b'P', b"s1\0select $1::int\0\0\0"));
+        sent.extend(message(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x0142\0\0"));
+        sent.extend(message(b'E', b"\0\0\0\0\0"));
+        sent.extend(message(b'S', b""));
+        client.write_all(&sent).await.unwrap();
+        assert_eq!(read_n(&mut backend, sent.len()).await, sent);
+
+        let mut answer = message(
+            b'T',
+            b"\0\x01?column?\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
+        answer.extend(message(b'D', b"\0\x01\0\0\0\x011"));
+        answer.extend(message(b'C', b"SELECT 1\0"));
+        answer.extend(message(b'Z', b"I"));
+        // Split mid-header, as a socket may deliver it.
+        backend.write_all(&answer[..3]).await.unwrap();
+        backend.write_all(&answer[3..]).await.unwrap();
+        assert_eq!(read_n(&mut client, answer.len()).await, answer);
+    }
+
+    #[tokio::test]
+    async fn a_write_this_node_does_not_own_never_reaches_the_backend() {
+        let (mut client, mut backend, _task) = session();
+        client
+            .write_all(&query("insert into owned_by_b values (1)"))
+            .await
+            .unwrap();
+        let (kind, body) = read_message(&mut backend).await;
+        assert_eq!(kind, b'Q');
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains("insert"), "the insert was forwarded: {text}");
+        assert!(
+            text.contains("42501") && text.contains("owned by node"),
+            "{text}"
+        );
+
+        // Postgres raises the refusal; its error and ReadyForQuery reach the client as sent.
+        let mut answer = wire::error_response(
+            "42501",
+            "table \"public.owned_by_b\" is owned by node \"b\"",
+        )
+        .to_vec();
+        answer.extend(message(b'Z', b"I"));
+        backend.write_all(&answer).await.unwrap();
+        let (kind, body) = read_message(&mut client).await;
+        assert_eq!(kind, b'E');
+        assert_eq!(wire::error_fields(&body).0, Some("42501"));
+        assert_eq!(read_message(&mut client).await, (b'Z', b"I".to_vec()));
+
+        // The session goes on: the next statement is forwarded as it is.
+        let next = query("select 2");
+        client.write_all(&next).await.unwrap();
+        assert_eq!(read_n(&mut backend, next.len()).await, next);
+    }
+
+    #[tokio::test]
+    async fn either_side_closing_ends_the_session() {
+        let (client, mut backend, task) = session();
+        drop(client);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut rest))
+            .await
+            .expect("the backend side closes")
+            .unwrap();
+        assert!(rest.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the session ends")
+            .unwrap();
+    }
 }

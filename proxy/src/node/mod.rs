@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::frontdoor::metrics::FrontDoorMetrics;
 use crate::frontdoor::{self, FrontDoor, FrontDoorError};
 use crate::observe::admin::{self, Admin};
+use crate::observe::document::PeerGaugesSlot;
 use crate::observe::{self, MetricsError};
 
 pub mod replication;
@@ -62,6 +63,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     let registry = Arc::new(observe::new_registry()?);
     let pool = crate::pg::pool::pool(&config.postgres);
+    let peer_gauges = PeerGaugesSlot::default();
     let door_metrics = FrontDoorMetrics::register(&registry)?;
     let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
     // Metrics first: while the node waits for its Postgres, /healthz shows the process is up
@@ -74,6 +76,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
                 registry: registry.clone(),
                 refusals: door.refusals.clone(),
                 pool: pool.clone(),
+                peer_gauges: peer_gauges.clone(),
             };
             Some(tokio::spawn(admin::serve(
                 listener,
@@ -89,6 +92,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
         &config,
         &registry,
         &pool,
+        &peer_gauges,
         door.ddl_seen.clone(),
         shutdown.clone(),
     )

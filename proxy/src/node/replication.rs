@@ -20,16 +20,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::owners::OwnerRules;
 use crate::config::Config;
+use crate::observe::document::PeerGaugesSlot;
 use crate::observe::MetricsError;
 use crate::pg::pg_error_text;
 use crate::pg::pool::{self, Pool};
-use crate::replication::apply::{origin_name, Receiver};
-use crate::replication::capture::Shipper;
+use crate::replication::apply::{origin_name, Receiver, ReceiverSetup};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
-use crate::replication::slot::{
-    ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError,
-};
+use crate::replication::ship::Shipper;
+use crate::replication::slot::{ReplicationConn, ReplicationError, WalSenderConfig};
 use crate::replication::slot_monitor;
 use crate::schema::enrol::{self, EnrolError};
 use crate::schema::guard::{self, GuardContext, GuardError};
@@ -55,7 +54,7 @@ pub enum NodeError {
         source: ReplicationError,
     },
     #[error("replication connection settings from [postgres] url: {0}")]
-    ConnConfig(#[source] ReplicationError),
+    WalSenderConfig(#[source] ReplicationError),
     #[error("creating replication origins: {}", pg_error_text(.0))]
     Origins(#[source] tokio_postgres::Error),
     #[error(
@@ -95,7 +94,7 @@ impl NodeError {
         match self {
             NodeError::Migrate(e) => e.sqlstate().into(),
             NodeError::Enrol(e) => e.sqlstate().into(),
-            NodeError::Slot { source, .. } | NodeError::ConnConfig(source) => {
+            NodeError::Slot { source, .. } | NodeError::WalSenderConfig(source) => {
                 source.sqlstate().into()
             }
             NodeError::Origins(e) | NodeError::Settings(e) => e
@@ -123,6 +122,7 @@ impl ReplicationNode {
         config: &Config,
         registry: &Registry,
         pool: &Pool,
+        peer_gauges: &PeerGaugesSlot,
         ddl_seen: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<ReplicationNode, NodeError> {
@@ -137,6 +137,8 @@ impl ReplicationNode {
         };
         let peers: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
         let metrics = ReplicationMetrics::register(registry, &peers)?;
+        // Set once per process: a node is started once.
+        let _ = peer_gauges.set(metrics.peer_gauges());
         let peer_metrics = PeerMetrics::register(registry)?;
 
         let commit_timestamps: String = client
@@ -182,7 +184,8 @@ impl ReplicationNode {
             .url
             .parse()
             .expect("config validation parsed [postgres] url");
-        let mut conn = ConnConfig::from_tokio_postgres(&pg).map_err(NodeError::ConnConfig)?;
+        let mut conn =
+            WalSenderConfig::from_tokio_postgres(&pg).map_err(NodeError::WalSenderConfig)?;
         for peer in &config.peers {
             let slot = origin_name(&peer.name);
             conn.application_name = format!("pgmm slot setup ({slot})");
@@ -219,18 +222,18 @@ impl ReplicationNode {
             .iter()
             .map(|p| (p.name.clone(), Arc::new(Notify::new())))
             .collect();
-        let receiver = Arc::new(Receiver::new(
-            identity.clone(),
-            config.cluster.nodes.clone(),
-            tls.as_ref().map(|t| t.server.clone()),
-            config.postgres.clone(),
-            config.replication.clone(),
-            peer_metrics.clone(),
-            metrics.clone(),
-            wake.clone(),
-            rules.clone(),
-            peer_listen.max_pending_handshakes,
-        ));
+        let receiver = Arc::new(Receiver::new(ReceiverSetup {
+            identity: identity.clone(),
+            nodes: config.cluster.nodes.clone(),
+            tls: tls.as_ref().map(|t| t.server.clone()),
+            postgres: config.postgres.clone(),
+            replication: config.replication.clone(),
+            peer_metrics: peer_metrics.clone(),
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+            rules: rules.clone(),
+            max_pending_handshakes: peer_listen.max_pending_handshakes,
+        }));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 
         let captured_upto = Arc::new(AtomicU64::new(0));

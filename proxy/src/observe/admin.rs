@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::observe::document::NodeStatus;
+use crate::observe::document::{NodeStatus, PeerGaugesSlot};
 use crate::observe::last_hour::LastHour;
 use crate::observe::readiness::Readiness;
 use crate::pg::pool::Pool;
@@ -32,6 +32,8 @@ pub struct Admin {
     pub refusals: Arc<LastHour>,
     /// pgmm's own connections to the local Postgres, for the `/readyz` probe.
     pub pool: Pool,
+    /// The replication gauges, once the replication side has registered them.
+    pub peer_gauges: PeerGaugesSlot,
 }
 
 /// `/readyz`: the local Postgres and every peer. `/readyz?peers=ignore`: the local Postgres
@@ -41,8 +43,13 @@ async fn readyz(State(admin): State<Admin>, uri: axum::http::Uri) -> impl IntoRe
     let require_peers = !uri
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "peers=ignore"));
-    let readiness =
-        Readiness::check(&admin.config, &admin.pool, &admin.registry, require_peers).await;
+    let readiness = Readiness::check(
+        &admin.config,
+        &admin.pool,
+        admin.peer_gauges.get(),
+        require_peers,
+    )
+    .await;
     let code = match readiness {
         Readiness::Ready | Readiness::ReadyWithout(_) => StatusCode::OK,
         Readiness::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -51,7 +58,11 @@ async fn readyz(State(admin): State<Admin>, uri: axum::http::Uri) -> impl IntoRe
 }
 
 async fn status(State(admin): State<Admin>) -> impl IntoResponse {
-    let doc = NodeStatus::read(&admin.config, &admin.registry, admin.refusals.count());
+    let doc = NodeStatus::read(
+        &admin.config,
+        admin.peer_gauges.get(),
+        admin.refusals.count(),
+    );
     let body = serde_json::to_string(&doc).expect("the status document always serialises");
     ([(header::CONTENT_TYPE, "application/json")], body)
 }

@@ -1,14 +1,15 @@
 //! The document a running node serves at `GET /status`: its own view of its peers, read from
-//! its metrics registry, plus what only the process knows (front-door refusals of the last
+//! the replication side's gauges, plus what only the process knows (front-door refusals of the last
 //! hour). `pgmm status` fetches it and adds what the database knows.
 //!
 //! Why a JSON endpoint rather than parsing `/metrics`: the figures `pgmm status` needs are not
 //! all metrics (a per-hour count is not a Prometheus counter), and one typed document shared by
 //! the server and the command cannot drift the way two parsers of a text format can.
 
-use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
-use prometheus::Registry;
+use prometheus::core::Collector;
+use prometheus::{GaugeVec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -43,76 +44,64 @@ pub struct PeerStatus {
     pub slot_invalidated: Option<String>,
 }
 
-/// The per-peer gauges of a registry, by metric name and then peer.
-pub(crate) struct PeerGauges(HashMap<String, HashMap<String, f64>>);
+/// The replication gauges `/status` and `/readyz` read, as handles to the series themselves:
+/// the replication side hands them over once it has registered them ([`PeerGaugesSlot`]), so
+/// nothing here looks a metric up by its name.
+#[derive(Clone)]
+pub struct PeerGauges {
+    pub up: IntGaugeVec,
+    pub lag_seconds: GaugeVec,
+    pub lag_bytes: IntGaugeVec,
+    pub slot_retained_wal_bytes: IntGaugeVec,
+    /// `pgmm_slot_invalidated{peer,reason}`: one series per peer, 1 with the reason while the
+    /// slot is invalidated.
+    pub slot_invalidated: IntGaugeVec,
+}
+
+/// Where the replication side puts its [`PeerGauges`] once they exist; empty while the node
+/// still waits for its Postgres (or has no peers), which `/readyz` reports as "replication not
+/// started".
+pub type PeerGaugesSlot = Arc<OnceLock<PeerGauges>>;
 
 impl PeerGauges {
-    /// Reads every gauge that has a `peer` label.
-    pub(crate) fn read(registry: &Registry) -> PeerGauges {
-        let mut gauges: HashMap<String, HashMap<String, f64>> = HashMap::new();
-        for family in registry.gather() {
-            for metric in family.get_metric() {
-                let Some(peer) = metric.get_label().iter().find(|l| l.name() == "peer") else {
-                    continue;
-                };
-                gauges
-                    .entry(family.name().to_owned())
-                    .or_default()
-                    .insert(peer.value().to_owned(), metric.get_gauge().get_value());
-            }
-        }
-        PeerGauges(gauges)
+    /// `pgmm_peer_up{peer}`.
+    pub fn up(&self, peer: &str) -> bool {
+        self.up.with_label_values(&[peer]).get() >= 1
     }
 
-    /// The `reason` of each peer whose `pgmm_slot_invalidated` is 1.
-    pub(crate) fn invalidated_slots(registry: &Registry) -> HashMap<String, String> {
-        let mut slots = HashMap::new();
-        for family in registry.gather() {
-            if family.name() != "pgmm_slot_invalidated" {
-                continue;
-            }
-            for metric in family.get_metric() {
-                if metric.get_gauge().get_value() < 1.0 {
-                    continue;
-                }
-                if let Some(peer) = label(metric, "peer") {
-                    slots.insert(peer, label(metric, "reason").unwrap_or_default());
-                }
-            }
-        }
-        slots
-    }
-
-    pub(crate) fn get(&self, metric: &str, peer: &str) -> Option<f64> {
-        self.0.get(metric)?.get(peer).copied()
-    }
-
-    /// `pgmm_peer_up{peer}`: `None` when the series does not exist (yet).
-    pub(crate) fn up(&self, peer: &str) -> Option<bool> {
-        self.get("pgmm_peer_up", peer).map(|v| v >= 1.0)
+    /// The `reason` of `peer`'s `pgmm_slot_invalidated` while it is 1.
+    pub fn invalidated(&self, peer: &str) -> Option<String> {
+        self.slot_invalidated
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .find(|m| label(m, "peer").as_deref() == Some(peer) && m.get_gauge().get_value() >= 1.0)
+            .map(|m| label(m, "reason").unwrap_or_default())
     }
 }
 
 impl NodeStatus {
     /// This node's status now.
-    pub fn read(config: &Config, registry: &Registry, front_door_refusals: u64) -> NodeStatus {
-        let gauges = PeerGauges::read(registry);
-        let mut invalidated = PeerGauges::invalidated_slots(registry);
+    pub fn read(
+        config: &Config,
+        gauges: Option<&PeerGauges>,
+        front_door_refusals: u64,
+    ) -> NodeStatus {
         let peers = config
             .peers
             .iter()
-            .map(|p| PeerStatus {
-                name: p.name.clone(),
-                address: p.address.clone(),
-                up: gauges.up(&p.name).unwrap_or(false),
-                lag_seconds: gauges.get("pgmm_replication_lag_seconds", &p.name),
-                lag_bytes: gauges
-                    .get("pgmm_replication_lag_bytes", &p.name)
-                    .map(|v| v as i64),
-                slot_retained_wal_bytes: gauges
-                    .get("pgmm_slot_retained_wal_bytes", &p.name)
-                    .map(|v| v as i64),
-                slot_invalidated: invalidated.remove(&p.name),
+            .map(|p| {
+                let peer = [p.name.as_str()];
+                PeerStatus {
+                    name: p.name.clone(),
+                    address: p.address.clone(),
+                    up: gauges.is_some_and(|g| g.up(&p.name)),
+                    lag_seconds: gauges.map(|g| g.lag_seconds.with_label_values(&peer).get()),
+                    lag_bytes: gauges.map(|g| g.lag_bytes.with_label_values(&peer).get()),
+                    slot_retained_wal_bytes: gauges
+                        .map(|g| g.slot_retained_wal_bytes.with_label_values(&peer).get()),
+                    slot_invalidated: gauges.and_then(|g| g.invalidated(&p.name)),
+                }
             })
             .collect();
         NodeStatus {

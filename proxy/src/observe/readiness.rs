@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use prometheus::Registry;
-
 use crate::config::Config;
 use crate::observe::document::PeerGauges;
 use crate::pg::pool::Pool;
@@ -36,14 +34,14 @@ impl Readiness {
     pub async fn check(
         config: &Config,
         pool: &Pool,
-        registry: &Registry,
+        gauges: Option<&PeerGauges>,
         require_peers: bool,
     ) -> Readiness {
         let mut down = Vec::new();
         if let Err(why) = probe_postgres(config, pool).await {
             down.push(format!("postgres: {why}"));
         }
-        let peers = down_peers(config, registry);
+        let peers = down_peers(config, gauges);
         if !require_peers && down.is_empty() && !peers.is_empty() {
             return Readiness::ReadyWithout(peers);
         }
@@ -65,25 +63,27 @@ impl Readiness {
     }
 }
 
-/// The configured peers whose link is not up; a peer without a `pgmm_peer_up` series is one
-/// the replication side has not started for yet. A peer whose slot is invalidated says so: its
+/// The configured peers whose link is not up; before the replication side has handed over its
+/// gauges, every peer is one it has not started for yet. A peer whose slot is invalidated says so: its
 /// link cannot come back by itself.
-pub(crate) fn down_peers(config: &Config, registry: &Registry) -> Vec<String> {
-    let gauges = PeerGauges::read(registry);
-    let invalidated = PeerGauges::invalidated_slots(registry);
+pub(crate) fn down_peers(config: &Config, gauges: Option<&PeerGauges>) -> Vec<String> {
     config
         .peers
         .iter()
-        .filter_map(|peer| match gauges.up(&peer.name) {
-            Some(true) => None,
-            Some(false) => Some(match invalidated.get(&peer.name) {
+        .filter_map(|peer| {
+            let Some(g) = gauges else {
+                return Some(format!("peer {}: replication not started", peer.name));
+            };
+            if g.up(&peer.name) {
+                return None;
+            }
+            Some(match g.invalidated(&peer.name) {
                 Some(reason) => format!(
                     "peer {}: down, slot pgmm_{} invalidated ({reason})",
                     peer.name, peer.name
                 ),
                 None => format!("peer {}: down", peer.name),
-            }),
-            None => Some(format!("peer {}: replication not started", peer.name)),
+            })
         })
         .collect()
 }

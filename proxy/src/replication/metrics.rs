@@ -3,6 +3,7 @@
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use crate::observe::document::PeerGauges;
 use crate::observe::{label, MetricsError};
 
 /// The failures apply rolls back and runs again in the same session: a local write raced with
@@ -205,6 +206,17 @@ impl ReplicationMetrics {
 }
 
 impl ReplicationMetrics {
+    /// The handles `/status` and `/readyz` read.
+    pub fn peer_gauges(&self) -> PeerGauges {
+        PeerGauges {
+            up: self.peer_up.clone(),
+            lag_seconds: self.lag_seconds.clone(),
+            lag_bytes: self.lag_bytes.clone(),
+            slot_retained_wal_bytes: self.slot_retained_wal_bytes.clone(),
+            slot_invalidated: self.slot_invalidated.clone(),
+        }
+    }
+
     /// `pgmm_slot_invalidated` of `peer`: `Some(reason)` while its slot is invalidated. The
     /// peer keeps exactly one series, so that a reason that changes does not leave a stale 1.
     pub fn set_slot_invalidated(&self, peer: &str, reason: Option<&str>) {

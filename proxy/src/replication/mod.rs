@@ -3,16 +3,16 @@
 //!
 //! Outbound: [`slot`] (the walsender client) streams pgoutput ([`pgoutput`]), [`changeset`]
 //! assembles each transaction, [`toast_fill`] completes unchanged large values, and
-//! [`capture`] ships it over a [`peer`] link. Inbound: [`apply`] receives and writes each
+//! [`ship`] ships it over a [`peer`] link. Inbound: [`apply`] receives and writes each
 //! transaction exactly once, resolving conflicts. [`slot_monitor`] watches the slots' health;
 //! [`metrics`] are the pipeline's.
 
 pub mod apply;
-pub mod capture;
 pub mod changeset;
 pub mod metrics;
 pub mod peer;
 pub mod pgoutput;
+pub mod ship;
 pub mod slot;
 pub mod slot_monitor;
 pub mod toast_fill;

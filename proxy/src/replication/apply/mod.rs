@@ -54,7 +54,7 @@ use crate::replication::changeset::{Change, ChangeSet, TableDesc};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::pgoutput::{format_lsn, parse_lsn, Datum, Lsn};
 
-pub use receiver::{Receiver, LINK_SILENCE};
+pub use receiver::{Receiver, ReceiverSetup, LINK_SILENCE};
 
 /// Retries of one batch after a serialization failure or deadlock before the error is
 /// reported and the link dropped (a row so hot that every attempt loses is then visible).

@@ -123,20 +123,36 @@ pub struct Receiver {
     origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
 }
 
+/// What a [`Receiver`] is made of, named: the node's identity and cluster, its TLS, its
+/// Postgres and `[replication]` settings, metrics, the ownership rules, the shippers to wake
+/// when their peer links in, and `[peer] max_pending_handshakes`.
+pub struct ReceiverSetup {
+    pub identity: PeerIdentity,
+    pub nodes: Vec<String>,
+    pub tls: Option<ServerTls>,
+    pub postgres: PostgresConfig,
+    pub replication: ReplicationConfig,
+    pub peer_metrics: PeerMetrics,
+    pub metrics: ReplicationMetrics,
+    pub wake: HashMap<String, Arc<tokio::sync::Notify>>,
+    pub rules: Arc<OwnerRules>,
+    pub max_pending_handshakes: usize,
+}
+
 impl Receiver {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        identity: PeerIdentity,
-        nodes: Vec<String>,
-        tls: Option<ServerTls>,
-        postgres: PostgresConfig,
-        replication: ReplicationConfig,
-        peer_metrics: PeerMetrics,
-        metrics: ReplicationMetrics,
-        wake: HashMap<String, Arc<tokio::sync::Notify>>,
-        rules: Arc<OwnerRules>,
-        max_pending_handshakes: usize,
-    ) -> Receiver {
+    pub fn new(setup: ReceiverSetup) -> Receiver {
+        let ReceiverSetup {
+            identity,
+            nodes,
+            tls,
+            postgres,
+            replication,
+            peer_metrics,
+            metrics,
+            wake,
+            rules,
+            max_pending_handshakes,
+        } = setup;
         Receiver {
             handshakes: HandshakeLimit::new(max_pending_handshakes, &peer_metrics),
             rules,

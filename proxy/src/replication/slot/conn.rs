@@ -14,8 +14,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use super::{
-    create_slot_command, parse_lsn, start_replication_command, ReplicationConfig, ReplicationError,
-    SystemId, DUPLICATE_OBJECT,
+    create_slot_command, parse_lsn, start_replication_command, ReplicationError, SystemId,
+    WalSenderConfig, DUPLICATE_OBJECT,
 };
 use crate::pg::quote::replication_ident;
 
@@ -182,7 +182,7 @@ pub struct ReplicationConn {
 impl ReplicationConn {
     /// Opens the connection and authenticates (trust, password, md5 or SCRAM-SHA-256), returning
     /// once the server is ready for commands.
-    pub async fn connect(cfg: &ReplicationConfig) -> Result<Self, ReplicationError> {
+    pub async fn connect(cfg: &WalSenderConfig) -> Result<Self, ReplicationError> {
         let io = match cfg.connect_timeout {
             Some(limit) => tokio::time::timeout(limit, open(cfg)).await.map_err(|_| {
                 ReplicationError::Io(std::io::Error::new(
@@ -195,7 +195,7 @@ impl ReplicationConn {
         Self::handshake(io, cfg).await
     }
 
-    async fn handshake(io: Box<dyn Io>, cfg: &ReplicationConfig) -> Result<Self, ReplicationError> {
+    async fn handshake(io: Box<dyn Io>, cfg: &WalSenderConfig) -> Result<Self, ReplicationError> {
         let mut framed = Framed::new(io);
         frontend::startup_message(
             [
@@ -393,7 +393,7 @@ impl ReplicationConn {
     }
 }
 
-async fn open(cfg: &ReplicationConfig) -> Result<Box<dyn Io>, ReplicationError> {
+async fn open(cfg: &WalSenderConfig) -> Result<Box<dyn Io>, ReplicationError> {
     if cfg.host.starts_with('/') {
         let path = Path::new(&cfg.host).join(format!(".s.PGSQL.{}", cfg.port));
         Ok(Box::new(UnixStream::connect(path).await?))
@@ -405,10 +405,7 @@ async fn open(cfg: &ReplicationConfig) -> Result<Box<dyn Io>, ReplicationError> 
     }
 }
 
-async fn authenticate(
-    framed: &mut Framed,
-    cfg: &ReplicationConfig,
-) -> Result<(), ReplicationError> {
+async fn authenticate(framed: &mut Framed, cfg: &WalSenderConfig) -> Result<(), ReplicationError> {
     let password = || {
         cfg.password.as_deref().ok_or_else(|| {
             ReplicationError::Auth(format!(
@@ -631,8 +628,8 @@ mod tests {
         msg(b'Z', b"I")
     }
 
-    fn cfg(password: Option<&str>) -> ReplicationConfig {
-        ReplicationConfig {
+    fn cfg(password: Option<&str>) -> WalSenderConfig {
+        WalSenderConfig {
             host: "unused".into(),
             port: 5432,
             user: "rep".into(),

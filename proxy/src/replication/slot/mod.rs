@@ -66,7 +66,7 @@ impl ReplicationError {
 
 /// Where and as whom to open a replication connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicationConfig {
+pub struct WalSenderConfig {
     /// A host name or IP address, or a Unix socket directory (starts with `/`).
     pub host: String,
     pub port: u16,
@@ -78,7 +78,7 @@ pub struct ReplicationConfig {
     pub connect_timeout: Option<Duration>,
 }
 
-impl ReplicationConfig {
+impl WalSenderConfig {
     /// Derives the replication settings from the operator's `[postgres] url`, so that there is a
     /// single place to say where the local Postgres is. Only the first host is used.
     pub fn from_tokio_postgres(cfg: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
@@ -116,7 +116,7 @@ impl ReplicationConfig {
             .transpose()?;
         let dbname = cfg.get_dbname().unwrap_or(&user).to_owned();
         let application_name = cfg.get_application_name().unwrap_or("pgmm").to_owned();
-        Ok(ReplicationConfig {
+        Ok(WalSenderConfig {
             host,
             port,
             user,
@@ -246,10 +246,10 @@ mod tests {
             "postgres://rep:s%40cret@db.local:5433/app?application_name=x&connect_timeout=3"
                 .parse()
                 .unwrap();
-        let got = ReplicationConfig::from_tokio_postgres(&cfg).unwrap();
+        let got = WalSenderConfig::from_tokio_postgres(&cfg).unwrap();
         assert_eq!(
             got,
-            ReplicationConfig {
+            WalSenderConfig {
                 host: "db.local".into(),
                 port: 5433,
                 user: "rep".into(),
@@ -261,7 +261,7 @@ mod tests {
         );
 
         let cfg: tokio_postgres::Config = "host=/run/pg user=postgres".parse().unwrap();
-        let got = ReplicationConfig::from_tokio_postgres(&cfg).unwrap();
+        let got = WalSenderConfig::from_tokio_postgres(&cfg).unwrap();
         assert_eq!((got.host.as_str(), got.port), ("/run/pg", 5432));
         assert_eq!(got.dbname, "postgres", "dbname defaults to the user");
         assert_eq!(got.application_name, "pgmm");
@@ -273,7 +273,7 @@ mod tests {
         let no_user: tokio_postgres::Config = "host=localhost".parse().unwrap();
         let tls: tokio_postgres::Config = "host=localhost user=u sslmode=require".parse().unwrap();
         for cfg in [no_user, tls] {
-            let err = ReplicationConfig::from_tokio_postgres(&cfg).unwrap_err();
+            let err = WalSenderConfig::from_tokio_postgres(&cfg).unwrap_err();
             assert!(matches!(err, ReplicationError::Config(_)), "{err}");
             assert_eq!(err.sqlstate(), "08001");
         }

@@ -34,9 +34,7 @@ use crate::replication::pgoutput::{
     self, encode_standby_status_update, format_lsn, pg_epoch_micros, DecodeError, Lsn,
     ReplicationMessage,
 };
-use crate::replication::slot::{
-    ReplicationConfig as ConnConfig, ReplicationConn, ReplicationError,
-};
+use crate::replication::slot::{ReplicationConn, ReplicationError, WalSenderConfig};
 use crate::replication::toast_fill::{self, FillError};
 
 /// Longest wait between reconnection attempts: a peer that comes back is found within this.
@@ -50,10 +48,10 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// Transactions queued on the link before a flush even if the slot has more to give.
 const FLUSH_EVERY: usize = 64;
 
-/// Why a shipping session ended; the shipper logs it, counts it by [`SendError::stage`] and
+/// Why a shipping session ended; the shipper logs it, counts it by [`ShipError::stage`] and
 /// reconnects.
 #[derive(Debug, Error)]
-pub enum SendError {
+pub enum ShipError {
     #[error(transparent)]
     Link(#[from] PeerError),
     #[error("peer link: {0}")]
@@ -74,26 +72,26 @@ pub enum SendError {
     FillConnect(#[source] tokio_postgres::Error),
 }
 
-impl SendError {
+impl ShipError {
     /// The metric label: where it broke.
     pub fn stage(&self) -> &'static str {
         match self {
-            SendError::Link(_) | SendError::Frame(_) | SendError::LinkClosed => "link",
-            SendError::Slot(_) | SendError::StreamEnded => "slot",
-            SendError::Decode(_) | SendError::Assemble(_) => "decode",
-            SendError::Fill(_) | SendError::FillConnect(_) => "fill",
+            ShipError::Link(_) | ShipError::Frame(_) | ShipError::LinkClosed => "link",
+            ShipError::Slot(_) | ShipError::StreamEnded => "slot",
+            ShipError::Decode(_) | ShipError::Assemble(_) => "decode",
+            ShipError::Fill(_) | ShipError::FillConnect(_) => "fill",
         }
     }
 
     pub fn sqlstate(&self) -> String {
         match self {
-            SendError::Link(e) => e.sqlstate().into(),
-            SendError::Frame(e) => e.sqlstate().into(),
-            SendError::LinkClosed | SendError::StreamEnded => "08006".into(),
-            SendError::Slot(e) => e.sqlstate().into(),
-            SendError::Decode(e) => e.sqlstate().into(),
-            SendError::Assemble(e) => e.sqlstate().into(),
-            SendError::Fill(FillError(e)) | SendError::FillConnect(e) => e
+            ShipError::Link(e) => e.sqlstate().into(),
+            ShipError::Frame(e) => e.sqlstate().into(),
+            ShipError::LinkClosed | ShipError::StreamEnded => "08006".into(),
+            ShipError::Slot(e) => e.sqlstate().into(),
+            ShipError::Decode(e) => e.sqlstate().into(),
+            ShipError::Assemble(e) => e.sqlstate().into(),
+            ShipError::Fill(FillError(e)) | ShipError::FillConnect(e) => e
                 .code()
                 .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
         }
@@ -105,7 +103,7 @@ pub struct Shipper {
     pub identity: PeerIdentity,
     pub tls: Option<ClientTls>,
     /// The replication connection to the local Postgres (from `[postgres] url`).
-    pub conn: ConnConfig,
+    pub conn: WalSenderConfig,
     /// The local Postgres, for reading the unchanged TOAST values of updates (`toast_fill`).
     pub postgres: PostgresConfig,
     pub peer_metrics: PeerMetrics,
@@ -188,7 +186,7 @@ impl Shipper {
         peer: &PeerEntry,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<(), SendError> {
+    ) -> Result<(), ShipError> {
         let (conn, welcome) = peer::connect(
             &peer.address,
             &self.identity,
@@ -257,7 +255,7 @@ impl Shipper {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
-        let result: Result<(), SendError> = async {
+        let result: Result<(), ShipError> = async {
             // Made once: a fresh one per pass through the select would register with the token
             // anew every time.
             let cancelled = shutdown.cancelled();
@@ -271,7 +269,7 @@ impl Shipper {
                     }
                     changed = heard.changed() => {
                         if changed.is_err() {
-                            return Err(SendError::LinkClosed);
+                            return Err(ShipError::LinkClosed);
                         }
                         let acked = heard.borrow_and_update().acked;
                         state.acked(acked);
@@ -281,7 +279,7 @@ impl Shipper {
                         }
                     }
                     data = stream.next() => {
-                        let mut data = data?.ok_or(SendError::StreamEnded)?;
+                        let mut data = data?.ok_or(ShipError::StreamEnded)?;
                         // Every message already read is handled here, in this one wakeup: a
                         // transaction arrives as a burst of small messages (Begin, one per row,
                         // Commit), and a pass through the select per message costs more than
@@ -377,18 +375,18 @@ impl Shipper {
 }
 
 impl Shipper {
-    async fn connect_filler(&self) -> Result<tokio_postgres::Client, SendError> {
+    async fn connect_filler(&self) -> Result<tokio_postgres::Client, ShipError> {
         let (client, connection) =
             tokio_postgres::connect(&self.postgres.url, tokio_postgres::NoTls)
                 .await
-                .map_err(SendError::FillConnect)?;
+                .map_err(ShipError::FillConnect)?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         client
             .batch_execute("SET application_name = 'pgmm capture (unchanged TOAST values)'")
             .await
-            .map_err(SendError::FillConnect)?;
+            .map_err(ShipError::FillConnect)?;
         Ok(client)
     }
 }
