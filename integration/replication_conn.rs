@@ -70,7 +70,7 @@ impl TestPg {
 
         // A port picked free can be taken before the postmaster binds it: retry with another.
         for _ in 0..5 {
-            let port = free_port();
+            let port = harness::free_port();
             let log_path = dir.path().join(format!("postgres-{port}.log"));
             let log = fs::File::create(&log_path).unwrap();
             let mut postgres = Command::new(harness::pg_bindir().join("postgres"));
@@ -196,14 +196,6 @@ fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) -> &mut Command {
         cmd.uid(uid).gid(gid).env("HOME", "/tmp");
     }
     cmd
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {

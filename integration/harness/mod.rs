@@ -10,7 +10,6 @@ mod postgres;
 pub mod wire;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,8 +20,6 @@ pub use postgres::{
     bindir_of_major, pg_bindir, pg_major, PgCluster, PgOptions, MD5_USER, SCRAM_USER,
 };
 
-/// A TCP port that was free a moment ago. Callers that bind it later retry on "address in use", since
-/// another test may have been handed the same port in between.
 /// Serialises the tests of one binary that push many transactions through a cluster or restart
 /// nodes a lot: on a 2-core machine two of them side by side would mostly measure each other.
 pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -32,11 +29,11 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A TCP port that was free a moment ago, below the ephemeral range so that no outgoing
+/// connection takes it in between (see `pgmm::testing::free_ports`). Callers that bind it later
+/// still retry on "address in use": another test may choose the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
+    pgmm::testing::free_ports(1).expect("find a free port on 127.0.0.1")[0]
 }
 
 /// Polls `probe` until it yields a value or `timeout` passes (then panics naming `what`). The pause

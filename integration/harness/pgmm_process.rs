@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -73,19 +73,9 @@ pub struct PgmmPorts {
 }
 
 impl PgmmPorts {
-    /// Ports for `n` nodes, all distinct and free a moment ago. Every listener is held until all are
-    /// bound, so that the kernel cannot hand out one port twice; the race with other processes that
-    /// `free_port` describes remains.
+    /// Ports for `n` nodes, all distinct and free a moment ago (see [`super::free_port`]).
     pub fn allocate(n: usize) -> Vec<PgmmPorts> {
-        let listeners: Vec<TcpListener> = (0..3 * n)
-            .map(|_| {
-                TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port")
-            })
-            .collect();
-        let ports: Vec<u16> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("local address").port())
-            .collect();
+        let ports = pgmm::testing::free_ports(3 * n).expect("find free ports on 127.0.0.1");
         ports
             .chunks(3)
             .map(|p| PgmmPorts {

@@ -38,6 +38,7 @@ pub use cli::main;
 /// the walsender client, the migrations and enrolment against a real Postgres, and the purge.
 #[doc(hidden)]
 pub mod testing {
+    pub use crate::commands::demo::ports::free_ports;
     pub use crate::config::table::TableName;
     pub use crate::config::ReplicationConfig;
     pub use crate::node::replication::purge_tombstones;

@@ -20,6 +20,7 @@
 //! there are no pgmm children to orphan, to find again, or to signal one by one, and a failure
 //! anywhere during start-up unwinds through the same guard (`postgres::Workspace`).
 
+pub(crate) mod ports;
 mod postgres;
 mod workload;
 
@@ -29,7 +30,6 @@ mod tests;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
@@ -390,18 +390,9 @@ pub(crate) fn node_names(nodes: usize) -> Result<Vec<String>, DemoError> {
         .collect())
 }
 
-/// Four free loopback ports per node. All listeners are held until every port is chosen, so
-/// that no two roles get the same port; a port could still be taken by someone else before
-/// we bind it, which then fails start-up with a clear "address in use".
+/// Four free loopback ports per node, outside the ephemeral range (see [`ports`]).
 fn pick_ports(nodes: usize) -> Result<Vec<NodePorts>, DemoError> {
-    let listeners = (0..nodes * PORTS_PER_NODE)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
-    let ports = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<Vec<_>, _>>()
+    let ports = ports::free_ports(nodes * PORTS_PER_NODE)
         .map_err(|e| DemoError::io("find free ports on 127.0.0.1", e))?;
     Ok(ports
         .chunks(PORTS_PER_NODE)
