@@ -10,6 +10,7 @@ mod harness;
 mod conflicts;
 mod demo;
 mod front_door;
+mod large_transactions;
 mod migrate;
 mod peer_port;
 mod replication;

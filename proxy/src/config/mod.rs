@@ -45,6 +45,14 @@ pub const DEFAULT_ENROL_INTERVAL_SECONDS: u64 = 10;
 pub const DEFAULT_TOMBSTONE_RETENTION_HOURS: u64 = 7 * 24;
 /// Beyond a second of skew, last-writer-wins between truly concurrent writes gets arbitrary.
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 1000;
+/// `[replication] chunk_bytes`: a transaction is shipped in pieces of about this size.
+pub const DEFAULT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Bounds of `chunk_bytes`: below, per-chunk costs dominate; above, a chunk (encoded with its
+/// framing) could outgrow the peer link's 64 MiB frame limit.
+pub const MIN_CHUNK_BYTES: usize = 64 * 1024;
+pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// `[replication] apply_queue_bytes`: received changes waiting to be applied, per peer.
+pub const DEFAULT_APPLY_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Port libpq and tokio-postgres assume when the URL names none.
 const DEFAULT_POSTGRES_PORT: u16 = 5432;
 
@@ -157,6 +165,12 @@ pub struct ReplicationConfig {
     pub tombstone_retention_hours: u64,
     /// A peer whose clock is estimated further off than this (milliseconds) is warned about.
     pub max_clock_skew_ms: u64,
+    /// A transaction larger than this (in value bytes) is shipped as a sequence of chunks of about
+    /// this size, each a frame of its own; this is what the sender holds of a transaction.
+    pub chunk_bytes: usize,
+    /// At most this many bytes of received changes wait for apply, per inbound peer link; the
+    /// link's reader stops reading (and TCP pushes back on the sender) until apply catches up.
+    pub apply_queue_bytes: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -167,6 +181,8 @@ impl Default for ReplicationConfig {
             enrol_interval_seconds: DEFAULT_ENROL_INTERVAL_SECONDS,
             tombstone_retention_hours: DEFAULT_TOMBSTONE_RETENTION_HOURS,
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            apply_queue_bytes: DEFAULT_APPLY_QUEUE_BYTES,
         }
     }
 }

@@ -11,10 +11,11 @@ use toml::Spanned;
 use super::{
     postgres_host_port, ClientConfig, ClusterConfig, Config, ConfigError, MetricsConfig,
     NodeConfig, OwnerSpec, OwnershipRule, PeerEntry, PeerListenConfig, PostgresConfig,
-    ReplicationConfig, DEFAULT_CONFLICT_COLUMN, DEFAULT_ENROL_INTERVAL_SECONDS,
-    DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE,
-    DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STARTUP_TIMEOUT_SECONDS,
-    DEFAULT_TOMBSTONE_RETENTION_HOURS,
+    ReplicationConfig, DEFAULT_APPLY_QUEUE_BYTES, DEFAULT_CHUNK_BYTES, DEFAULT_CONFLICT_COLUMN,
+    DEFAULT_ENROL_INTERVAL_SECONDS, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_PARSE_BYTES,
+    DEFAULT_MAX_PARSE_DEPTH, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    DEFAULT_STARTUP_TIMEOUT_SECONDS, DEFAULT_TOMBSTONE_RETENTION_HOURS, MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
 };
 use crate::config::table::TableName;
 
@@ -110,6 +111,8 @@ struct RawReplication {
     enrol_interval_seconds: Option<Spanned<u64>>,
     tombstone_retention_hours: Option<Spanned<u64>>,
     max_clock_skew_ms: Option<Spanned<u64>>,
+    chunk_bytes: Option<Spanned<u64>>,
+    apply_queue_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -506,12 +509,42 @@ fn check_replication(
         Some(v) => v.into_inner(),
         None => DEFAULT_MAX_CLOCK_SKEW_MS,
     };
+    let chunk_bytes = match raw.chunk_bytes {
+        Some(v) if !(MIN_CHUNK_BYTES as u64..=MAX_CHUNK_BYTES as u64).contains(v.get_ref()) => {
+            return Err(src.invalid(
+                &v.span(),
+                "replication.chunk_bytes",
+                format!(
+                    "must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES} (bytes of a \
+                     transaction shipped as one piece)"
+                ),
+            ))
+        }
+        Some(v) => v.into_inner() as usize,
+        None => DEFAULT_CHUNK_BYTES,
+    };
+    let apply_queue_bytes = match raw.apply_queue_bytes {
+        Some(v) if *v.get_ref() < 2 * chunk_bytes as u64 => {
+            return Err(src.invalid(
+                &v.span(),
+                "replication.apply_queue_bytes",
+                format!(
+                    "must be at least twice replication.chunk_bytes ({chunk_bytes}), so that a \
+                     chunk can be read while the one before it is applied"
+                ),
+            ))
+        }
+        Some(v) => usize::try_from(v.into_inner()).unwrap_or(usize::MAX),
+        None => DEFAULT_APPLY_QUEUE_BYTES.max(2 * chunk_bytes),
+    };
     Ok(ReplicationConfig {
         tables,
         conflict_column,
         enrol_interval_seconds,
         tombstone_retention_hours,
         max_clock_skew_ms,
+        chunk_bytes,
+        apply_queue_bytes,
     })
 }
 

@@ -248,6 +248,7 @@ impl ReplicationNode {
                 peer_metrics: peer_metrics.clone(),
                 metrics: metrics.clone(),
                 captured_upto: captured_upto.clone(),
+                chunk_bytes: config.replication.chunk_bytes,
             });
             tasks.spawn(shipper.run(peer.clone(), wake[&peer.name].clone(), shutdown.clone()));
         }

@@ -81,6 +81,25 @@ pub enum Change {
 }
 
 impl Change {
+    /// About what the change costs in memory once decoded: each value's bytes, its allocation
+    /// and its `Datum`, plus the change itself. What [`Assembler`] cuts chunks by and the
+    /// receiver's queue is bounded by, so it errs on the high side: for a row of small values
+    /// the bookkeeping is most of the memory, several times the bytes on the link.
+    pub fn approx_bytes(&self) -> usize {
+        const DATUM: usize = std::mem::size_of::<Datum>();
+        let value = |d: &Datum| DATUM + if d.len() > 0 { d.len() + 32 } else { 0 };
+        let values = |d: &[Datum]| 24 + d.iter().map(value).sum::<usize>();
+        std::mem::size_of::<Change>()
+            + match self {
+                Change::Insert { new, .. } => values(new),
+                Change::Update { old_key, new, .. } => {
+                    values(new) + old_key.as_deref().map_or(0, values)
+                }
+                Change::Delete { key, .. } => values(key),
+                Change::Truncate { tables, .. } => 4 * tables.len(),
+            }
+    }
+
     /// Row changes a TRUNCATE stands for are unknown; it counts as one change.
     pub fn tables(&self) -> impl Iterator<Item = u32> + '_ {
         let (one, many): (Option<u32>, &[u32]) = match self {
@@ -108,6 +127,28 @@ impl ChangeSet {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
     }
+
+    /// The sum of [`Change::approx_bytes`] and of the table descriptions.
+    pub fn approx_bytes(&self) -> usize {
+        let tables: usize = self
+            .tables
+            .iter()
+            .map(|t| 64 + t.columns.iter().map(|c| c.len() + 8).sum::<usize>())
+            .sum();
+        tables + self.changes.iter().map(Change::approx_bytes).sum::<usize>()
+    }
+}
+
+/// What [`Assembler::push`] completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assembled {
+    /// The next changes of the open transaction (a local one), which has outgrown the chunk
+    /// size: they are handed out now so that no transaction is ever held whole. The
+    /// transaction's start is [`Assembler::open_begin`].
+    Chunk(ChangeSet),
+    /// A committed transaction. When chunks of it were handed out before, `changes` holds only
+    /// the changes after the last one.
+    Commit(CapturedTx),
 }
 
 /// A whole transaction read from the slot.
@@ -164,19 +205,34 @@ struct Open {
     /// Relation oid → index in `set.tables`.
     index: HashMap<u32, u32>,
     set: ChangeSet,
+    /// [`ChangeSet::approx_bytes`] of `set`, kept as changes are added.
+    bytes: usize,
 }
 
-/// Turns one slot session's pgoutput messages into whole transactions. Keep one per session:
-/// it remembers the relations the session announced.
-#[derive(Default)]
+/// Turns one slot session's pgoutput messages into transactions, handed out in chunks of at most
+/// about `chunk_bytes` (plus one change) as they are decoded. Keep one per session: it remembers
+/// the relations the session announced.
 pub struct Assembler {
     relations: RelationCache,
     open: Option<Open>,
+    chunk_bytes: usize,
 }
 
 impl Assembler {
-    pub fn new() -> Self {
-        Self::default()
+    /// Chunks of about `chunk_bytes`; `usize::MAX` hands out every transaction whole.
+    pub fn new(chunk_bytes: usize) -> Self {
+        Assembler {
+            relations: RelationCache::default(),
+            open: None,
+            chunk_bytes,
+        }
+    }
+
+    /// The open transaction's commit LSN and commit time (pgoutput's Begin announces both).
+    pub fn open_begin(&self) -> Option<(Lsn, i64)> {
+        self.open
+            .as_ref()
+            .map(|o| (o.begin.final_lsn, o.begin.commit_time))
     }
 
     /// Whether a transaction has begun and not yet committed.
@@ -194,8 +250,23 @@ impl Assembler {
             && matches!(payload.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
     }
 
-    /// Feeds one message; returns the transaction its Commit completes.
-    pub fn push(&mut self, msg: Message) -> Result<Option<CapturedTx>, AssembleError> {
+    /// Feeds one message; returns the chunk or the transaction it completes.
+    pub fn push(&mut self, msg: Message) -> Result<Option<Assembled>, AssembleError> {
+        let chunk_bytes = self.chunk_bytes;
+        let done = self.push_message(msg)?;
+        if done.is_some() {
+            return Ok(done);
+        }
+        Ok(self.open.as_mut().and_then(|open| {
+            (open.bytes >= chunk_bytes && !open.set.changes.is_empty()).then(|| {
+                open.index.clear();
+                open.bytes = 0;
+                Assembled::Chunk(std::mem::take(&mut open.set))
+            })
+        }))
+    }
+
+    fn push_message(&mut self, msg: Message) -> Result<Option<Assembled>, AssembleError> {
         match msg {
             Message::Begin(begin) => {
                 if let Some(open) = &self.open {
@@ -207,6 +278,7 @@ impl Assembler {
                     stamps: HashMap::new(),
                     index: HashMap::new(),
                     set: ChangeSet::default(),
+                    bytes: 0,
                 });
                 Ok(None)
             }
@@ -221,14 +293,14 @@ impl Assembler {
                         commit: commit.commit_lsn,
                     });
                 }
-                Ok(Some(CapturedTx {
+                Ok(Some(Assembled::Commit(CapturedTx {
                     xid: open.begin.xid,
                     commit_lsn: commit.commit_lsn,
                     end_lsn: commit.end_lsn,
                     commit_time: commit.commit_time,
                     origin: open.origin,
                     changes: open.set,
-                }))
+                })))
             }
             Message::Origin(origin) => {
                 let open = self
@@ -238,6 +310,7 @@ impl Assembler {
                 open.origin = Some(origin.name);
                 open.set = ChangeSet::default();
                 open.index.clear();
+                open.bytes = 0;
                 Ok(None)
             }
             Message::Relation(_) => {
@@ -261,7 +334,7 @@ impl Assembler {
                 };
                 let table = open.table_index(rel);
                 let new = row(rel, ins.new)?;
-                open.set.changes.push(Change::Insert { table, new });
+                open.add(Change::Insert { table, new });
                 Ok(None)
             }
             Message::Update(upd) => {
@@ -275,7 +348,7 @@ impl Assembler {
                 };
                 let new = row(rel, upd.new)?;
                 let old_stamp = open.stamps.remove(&upd.relation).and_then(|s| s.old);
-                open.set.changes.push(Change::Update {
+                open.add(Change::Update {
                     table,
                     old_key,
                     new,
@@ -293,7 +366,7 @@ impl Assembler {
                 })?;
                 let key = key_of(rel, row(rel, identity)?)?;
                 let stamps = open.stamps.remove(&del.relation).unwrap_or_default();
-                open.set.changes.push(Change::Delete {
+                open.add(Change::Delete {
                     table,
                     key,
                     deleted_at: stamps.deleted,
@@ -317,7 +390,7 @@ impl Assembler {
                         .ok_or(AssembleError::UnknownRelation(*oid))?;
                     tables.push(open.table_index(rel));
                 }
-                open.set.changes.push(Change::Truncate {
+                open.add(Change::Truncate {
                     tables,
                     cascade: tr.cascade(),
                     restart_identity: tr.restart_identity(),
@@ -353,9 +426,16 @@ impl Open {
     fn table_index(&mut self, rel: &Relation) -> u32 {
         let next = self.set.tables.len() as u32;
         *self.index.entry(rel.oid).or_insert_with(|| {
-            self.set.tables.push(TableDesc::from_relation(rel));
+            let desc = TableDesc::from_relation(rel);
+            self.bytes += 64 + desc.columns.iter().map(|c| c.len() + 8).sum::<usize>();
+            self.set.tables.push(desc);
             next
         })
+    }
+
+    fn add(&mut self, change: Change) {
+        self.bytes += change.approx_bytes();
+        self.set.changes.push(change);
     }
 }
 
@@ -465,9 +545,66 @@ mod tests {
         })
     }
 
+    fn committed(done: Option<Assembled>) -> CapturedTx {
+        match done {
+            Some(Assembled::Commit(tx)) => tx,
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_transaction_is_handed_out_in_self_contained_chunks() {
+        // Each insert is a few hundred bytes (see approx_bytes).
+        let one = Change::Insert {
+            table: 0,
+            new: vec![text("1"), Datum::Null, text("t")],
+        }
+        .approx_bytes();
+        let mut a = Assembler::new(3 * one);
+        a.push(relation(1, "x")).unwrap();
+        a.push(relation(2, "y")).unwrap();
+        a.push(begin(100)).unwrap();
+        assert_eq!(a.open_begin(), Some((100, 7)));
+        let mut chunks = Vec::new();
+        for i in 0..10 {
+            let oid = if i % 2 == 0 { 1 } else { 2 };
+            if let Some(done) = a.push(insert(oid, &i.to_string())).unwrap() {
+                match done {
+                    Assembled::Chunk(set) => chunks.push(set),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let tx = committed(a.push(commit(100)).unwrap());
+        assert!(chunks.len() >= 2, "{chunks:?}");
+        chunks.push(tx.changes);
+        let mut ids = Vec::new();
+        for set in &chunks {
+            assert!(
+                set.changes.len() <= 3,
+                "a chunk is cut once it is full: {set:?}"
+            );
+            for change in &set.changes {
+                let Change::Insert { table, new } = change else {
+                    panic!()
+                };
+                // The chunk names its own tables: the index points into its own list.
+                let desc = &set.tables[*table as usize];
+                let id: u32 = new[0].as_str().unwrap().parse().unwrap();
+                assert_eq!(desc.name, if id % 2 == 0 { "x" } else { "y" });
+                ids.push(id);
+            }
+        }
+        assert_eq!(
+            ids,
+            (0..10).collect::<Vec<_>>(),
+            "every change once, in order"
+        );
+    }
+
     #[test]
     fn a_transaction_carries_its_tables_once_in_first_use_order() {
-        let mut a = Assembler::new();
+        let mut a = Assembler::new(usize::MAX);
         for m in [relation(1, "x"), relation(2, "y"), begin(100)] {
             assert_eq!(a.push(m).unwrap(), None);
         }
@@ -479,7 +616,7 @@ mod tests {
             relations: vec![1, 2],
         }))
         .unwrap();
-        let tx = a.push(commit(100)).unwrap().unwrap();
+        let tx = committed(a.push(commit(100)).unwrap());
         assert_eq!((tx.commit_lsn, tx.end_lsn, tx.xid), (100, 108, 42));
         assert_eq!(tx.origin, None);
         let names: Vec<&str> = tx.changes.tables.iter().map(|t| t.name.as_str()).collect();
@@ -505,7 +642,7 @@ mod tests {
 
     #[test]
     fn a_transaction_applied_from_a_peer_keeps_no_changes() {
-        let mut a = Assembler::new();
+        let mut a = Assembler::new(usize::MAX);
         a.push(relation(1, "x")).unwrap();
         a.push(begin(200)).unwrap();
         a.push(Message::Origin(Origin {
@@ -516,14 +653,14 @@ mod tests {
         a.push(insert(1, "1")).unwrap();
         // Even an unknown relation does not matter: the change is dropped unread.
         a.push(insert(9, "1")).unwrap();
-        let tx = a.push(commit(200)).unwrap().unwrap();
+        let tx = committed(a.push(commit(200)).unwrap());
         assert_eq!(tx.origin.as_deref(), Some("pgmm_b"));
         assert!(tx.changes.is_empty());
     }
 
     #[test]
     fn only_the_contents_of_a_peers_transaction_are_dropped_unread() {
-        let mut a = Assembler::new();
+        let mut a = Assembler::new(usize::MAX);
         let change = [b'I', 0, 0, 0, 1];
         assert!(
             !a.drops(&change),
@@ -543,13 +680,13 @@ mod tests {
             assert!(!a.drops(&[tag]), "{}", char::from(tag));
         }
         assert!(!a.drops(&[]));
-        a.push(commit(200)).unwrap().unwrap();
+        committed(a.push(commit(200)).unwrap());
         assert!(!a.drops(&change));
     }
 
     #[test]
     fn keys_are_cut_from_key_and_old_tuples_and_unchanged_toast_survives() {
-        let mut a = Assembler::new();
+        let mut a = Assembler::new(usize::MAX);
         a.push(relation(1, "x")).unwrap();
         a.push(begin(300)).unwrap();
         a.push(Message::Update(Update {
@@ -595,7 +732,7 @@ mod tests {
             old: Some(Tuple(vec![text("2"), text("v"), text("t")])),
         }))
         .unwrap();
-        let tx = a.push(commit(300)).unwrap().unwrap();
+        let tx = committed(a.push(commit(300)).unwrap());
         assert_eq!(
             tx.changes.changes,
             [
@@ -623,7 +760,7 @@ mod tests {
 
     #[test]
     fn broken_streams_are_errors() {
-        let mut a = Assembler::new();
+        let mut a = Assembler::new(usize::MAX);
         assert_eq!(
             a.push(insert(1, "1")),
             Err(AssembleError::OutsideTransaction("Insert"))

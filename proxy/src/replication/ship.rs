@@ -25,13 +25,14 @@ use crate::config::{PeerEntry, PostgresConfig};
 use crate::pg::names::origin_name;
 use crate::pg::names::PUBLICATION;
 use crate::pg::pg_error_text;
-use crate::replication::changeset::{AssembleError, Assembler};
+use crate::replication::changeset::{AssembleError, Assembled, Assembler, Change, ChangeSet};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
-    self, Backoff, Body, ClientTls, FrameError, PeerError, PeerIdentity, PeerMetrics, BACKOFF_BASE,
+    self, Backoff, Body, ClientTls, FrameError, PeerError, PeerIdentity, PeerMetrics, PeerSender,
+    BACKOFF_BASE, CHUNKED_PROTOCOL_VERSION,
 };
 use crate::replication::pgoutput::{
-    self, encode_standby_status_update, format_lsn, pg_epoch_micros, DecodeError, Lsn,
+    self, encode_standby_status_update, format_lsn, pg_epoch_micros, Datum, DecodeError, Lsn,
     ReplicationMessage,
 };
 use crate::replication::slot::{ReplicationConn, ReplicationError, WalSenderConfig};
@@ -111,6 +112,8 @@ pub struct Shipper {
     /// Highest commit end LSN whose changes were counted as captured: every slot reads the same
     /// local transactions, and each must be counted once, by whichever slot reads it first.
     pub captured_upto: Arc<AtomicU64>,
+    /// `[replication] chunk_bytes`: a larger transaction is shipped in chunks of this size.
+    pub chunk_bytes: usize,
 }
 
 /// What the link's reader task reports.
@@ -215,6 +218,7 @@ impl Shipper {
         self.metrics.peer_up.with_label_values(&labels).set(1);
         tracing::info!(peer = %peer.name, %slot, resume_from = %format_lsn(resume), "shipping to peer");
 
+        let protocol = conn.protocol();
         let (mut link, mut replies) = conn.into_split();
         let (heard_tx, mut heard) = watch::channel(Heard { acked: 0 });
         let reader_peer = peer.name.clone();
@@ -247,7 +251,15 @@ impl Shipper {
 
         let shipped = self.metrics.changes_shipped.with_label_values(&labels);
         let lag = self.metrics.lag_seconds.with_label_values(&labels);
-        let mut assembler = Assembler::new();
+        // A peer of the previous release (protocol 1) takes whole transactions only.
+        let chunked = protocol >= CHUNKED_PROTOCOL_VERSION;
+        let mut assembler = Assembler::new(if chunked {
+            self.chunk_bytes
+        } else {
+            usize::MAX
+        });
+        // The transaction being shipped in chunks, from its first chunk to its commit.
+        let mut streaming: Option<Streaming> = None;
         // Opened the first time an update leaves a TOASTed column untouched.
         let mut filler: Option<tokio_postgres::Client> = None;
         let mut state = Progress::new(resume);
@@ -296,26 +308,76 @@ impl Shipper {
                                     if assembler.drops(&data) {
                                         break 'message;
                                     }
-                                    let Some(tx) = assembler.push(pgoutput::decode_bytes(data)?)? else {
+                                    let Some(done) = assembler.push(pgoutput::decode_bytes(data)?)? else {
                                         break 'message;
                                     };
+                                    let tx = match done {
+                                        Assembled::Chunk(mut changes) => {
+                                            let open = match &mut streaming {
+                                                Some(open) => open,
+                                                None => {
+                                                    let (commit_lsn, commit_time) = assembler
+                                                        .open_begin()
+                                                        .expect("a chunk comes from an open transaction");
+                                                    // Applied there already (see Applier::stream_begin).
+                                                    let skip = commit_lsn < resume;
+                                                    if !skip {
+                                                        link.queue(&Body::TxBegin {
+                                                            origin: self.identity.node.clone(),
+                                                            commit_lsn,
+                                                            commit_time,
+                                                        })?;
+                                                    }
+                                                    streaming.insert(Streaming { skip, changes: 0 })
+                                                }
+                                            };
+                                            if open.skip {
+                                                break 'message;
+                                            }
+                                            self.fill(&mut filler, &mut changes).await?;
+                                            let n = changes.len() as u64;
+                                            open.changes += n;
+                                            shipped.inc_by(n);
+                                            send_staged(&mut link, &mut changes, self.chunk_bytes).await?;
+                                            link.queue(&Body::TxChunk { changes })?;
+                                            // A chunk is large: it goes out now, so that the link
+                                            // buffers at most one.
+                                            link.flush().await?;
+                                            unflushed = 0;
+                                            break 'message;
+                                        }
+                                        Assembled::Commit(tx) => tx,
+                                    };
+                                    if let Some(open) = streaming.take() {
+                                        if open.skip {
+                                            state.skipped(tx.end_lsn);
+                                            break 'message;
+                                        }
+                                        let mut changes = tx.changes;
+                                        self.fill(&mut filler, &mut changes).await?;
+                                        let n = changes.len() as u64;
+                                        self.count_captured(tx.end_lsn, open.changes + n);
+                                        shipped.inc_by(n);
+                                        send_staged(&mut link, &mut changes, self.chunk_bytes).await?;
+                                        link.queue(&Body::TxCommit {
+                                            commit_lsn: tx.commit_lsn,
+                                            end_lsn: tx.end_lsn,
+                                            commit_time: tx.commit_time,
+                                            changes,
+                                        })?;
+                                        state.shipped(tx.end_lsn, tx.commit_time);
+                                        link.flush().await?;
+                                        unflushed = 0;
+                                        break 'message;
+                                    }
                                     if tx.origin.is_some() || tx.changes.is_empty() || tx.end_lsn <= resume {
                                         state.skipped(tx.end_lsn);
                                         break 'message;
                                     }
                                     let mut tx = tx;
-                                    if toast_fill::needs_fill(&tx.changes) {
-                                        let client = match filler.take() {
-                                            Some(c) if !c.is_closed() => c,
-                                            _ => self.connect_filler().await?,
-                                        };
-                                        toast_fill::fill(&client, &mut tx.changes).await?;
-                                        filler = Some(client);
-                                    }
+                                    self.fill(&mut filler, &mut tx.changes).await?;
                                     let n = tx.changes.len() as u64;
-                                    if self.captured_upto.fetch_max(tx.end_lsn, Ordering::Relaxed) < tx.end_lsn {
-                                        self.metrics.changes_captured.inc_by(n);
-                                    }
+                                    self.count_captured(tx.end_lsn, n);
                                     link.queue(&Body::Transaction {
                                         origin: self.identity.node.clone(),
                                         commit_lsn: tx.commit_lsn,
@@ -374,7 +436,76 @@ impl Shipper {
     }
 }
 
+/// A transaction being shipped in chunks.
+struct Streaming {
+    /// The peer has it already: nothing of it is sent.
+    skip: bool,
+    /// Changes shipped so far.
+    changes: u64,
+}
+
+/// Sends every value of `changes` larger than `piece` ahead in [`Body::TxValue`] pieces of at
+/// most `piece` bytes (each flushed at once, so that the link buffers one piece at a time),
+/// leaving [`Datum::Staged`] in its place: no frame then holds more than a chunk, however large
+/// a value is (PostgreSQL's limit is 1 GB). Only new row values can be that large; keys are
+/// bounded by the index (a few kilobytes).
+async fn send_staged(
+    link: &mut PeerSender,
+    changes: &mut ChangeSet,
+    piece: usize,
+) -> Result<(), ShipError> {
+    for change in &mut changes.changes {
+        let (Change::Insert { new, .. } | Change::Update { new, .. }) = change else {
+            continue;
+        };
+        for datum in new.iter_mut().filter(|d| d.len() > piece) {
+            let (Datum::Text(value) | Datum::Binary(value)) =
+                std::mem::replace(datum, Datum::Staged)
+            else {
+                unreachable!("only a value has a length");
+            };
+            let mut rest = value;
+            loop {
+                let data = rest.split_to(rest.len().min(piece));
+                let last = rest.is_empty();
+                link.send(&Body::TxValue { data, last }).await?;
+                if last {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Shipper {
+    /// Reads the unchanged TOAST values of updates in `changes`, over a session opened the first
+    /// time one is needed.
+    async fn fill(
+        &self,
+        filler: &mut Option<tokio_postgres::Client>,
+        changes: &mut ChangeSet,
+    ) -> Result<(), ShipError> {
+        if !toast_fill::needs_fill(changes) {
+            return Ok(());
+        }
+        let client = match filler.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect_filler().await?,
+        };
+        toast_fill::fill(&client, changes).await?;
+        *filler = Some(client);
+        Ok(())
+    }
+
+    /// Counts `n` changes as captured for the transaction ending at `end`, unless another
+    /// peer's shipper has counted it already.
+    fn count_captured(&self, end: Lsn, n: u64) {
+        if self.captured_upto.fetch_max(end, Ordering::Relaxed) < end {
+            self.metrics.changes_captured.inc_by(n);
+        }
+    }
+
     async fn connect_filler(&self) -> Result<tokio_postgres::Client, ShipError> {
         let (client, connection) =
             tokio_postgres::connect(&self.postgres.url, tokio_postgres::NoTls)

@@ -32,6 +32,7 @@
 
 mod receiver;
 pub mod sql;
+mod stream;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -207,6 +208,9 @@ fn text(d: &Datum) -> Result<PgText, ApplyError> {
         Datum::Binary(_) => Err(ApplyError::Malformed(
             "a binary value (pgmm streams text)".into(),
         )),
+        Datum::Staged => Err(ApplyError::Malformed(
+            "a staged value whose pieces never arrived".into(),
+        )),
     }
 }
 
@@ -236,8 +240,25 @@ enum Step {
         what: &'static str,
         tx: usize,
     },
+    /// The savepoint a chunk of a streamed transaction is applied under, and its release.
+    Savepoint,
+    Release,
     SyncCommit,
     Commit,
+}
+
+impl Step {
+    /// What the statement was doing, for its error.
+    fn doing(&self) -> &'static str {
+        match self {
+            Step::Begin => "starting the apply transaction",
+            Step::Change { what, .. } => what,
+            Step::Savepoint => "taking the savepoint of a chunk",
+            Step::Release => "releasing the savepoint of a chunk",
+            Step::Setup => "recording the progress under the replication origin",
+            Step::SyncCommit | Step::Commit => "committing",
+        }
+    }
 }
 
 /// The outcome of [`Applier::apply_batch`].
@@ -287,7 +308,12 @@ pub struct Applier {
     setup: Statement,
     sync_commit: Statement,
     commit: Statement,
+    savepoint: Statement,
+    release: Statement,
+    rollback_to: Statement,
     progress: Lsn,
+    /// The transaction being applied chunk by chunk, between its `TxBegin` and `TxCommit`.
+    stream: Option<stream::Stream>,
 }
 
 impl Applier {
@@ -396,6 +422,9 @@ impl Applier {
         .await?;
         let sync_commit = prepare("SET LOCAL synchronous_commit = on").await?;
         let commit = prepare("COMMIT").await?;
+        let savepoint = prepare("SAVEPOINT pgmm_chunk").await?;
+        let release = prepare("RELEASE SAVEPOINT pgmm_chunk").await?;
+        let rollback_to = prepare("ROLLBACK TO SAVEPOINT pgmm_chunk").await?;
         let origins = sql::Origins(
             client
                 .query(
@@ -424,7 +453,11 @@ impl Applier {
             setup,
             sync_commit,
             commit,
+            savepoint,
+            release,
+            rollback_to,
             progress: 0,
+            stream: None,
         };
         applier.progress = progress;
         tracing::info!(origin = %origin_node, progress = %format_lsn(applier.progress), "apply session ready");
@@ -489,21 +522,26 @@ impl Applier {
         match self.pipeline(&fresh, sync, &mut applied).await {
             Ok(()) => Ok(applied),
             Err(error) => {
-                // A transaction may be open and aborted, and the statements may no longer fit a
-                // table whose definition changed: start both over, and take the progress from
-                // the database, which knows exactly what committed.
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                self.statements.clear();
-                self.known.clear();
-                self.texts
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clear();
-                if let Ok(p) = read_progress(&self.client, &self.origin_node).await {
-                    self.progress = p;
-                }
+                self.reset().await;
                 Err(BatchError { applied, error })
             }
+        }
+    }
+
+    /// After a failure: a transaction may be open and aborted, and the statements may no longer
+    /// fit a table whose definition changed. Starts both over, and takes the progress from the
+    /// database, which knows exactly what committed.
+    async fn reset(&mut self) {
+        let _ = self.client.batch_execute("ROLLBACK").await;
+        self.stream = None;
+        self.statements.clear();
+        self.known.clear();
+        self.texts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        if let Ok(p) = read_progress(&self.client, &self.origin_node).await {
+            self.progress = p;
         }
     }
 
@@ -513,67 +551,131 @@ impl Applier {
         sync: bool,
         applied: &mut Applied,
     ) -> Result<(), ApplyError> {
-        // Plan everything first (preparing new statements), then send it all at once.
-        let mut steps: Vec<(Statement, Vec<PgText>, Step)> = Vec::new();
-        let mut table_names: Vec<Vec<Arc<TableName>>> = Vec::with_capacity(txs.len());
-        let mut tx_tables = Vec::with_capacity(txs.len());
-        for tx in txs {
-            tx_tables.push(self.check_tables(&tx.changes).await?);
-        }
-        let mut prev = self.progress;
-        let rules = self.rules.clone();
-        let here = self.here.clone();
-        let origin = self.origin_node.clone();
-        let origins = self.origins.clone();
-        let planner = Planner {
-            origin: &origin,
-            here: &here,
-            conflict_column: &self.replication.conflict_column.clone(),
-            rules: &rules,
-            origins: &origins,
-            texts: &self.texts,
-            shape: std::sync::Mutex::new(String::new()),
-        };
+        let sets: Vec<(&ChangeSet, i64)> =
+            txs.iter().map(|t| (&t.changes, t.commit_time)).collect();
+        let (planned, table_names) = self.plan_sets(&sets).await?;
         // The whole batch is one local transaction, recorded as the last remote one's: the
         // origin's progress jumps to its end in the same commit as all the batch's data.
         let last = txs
             .last()
             .expect("apply_batch passes at least one transaction");
-        steps.push((self.begin.clone(), Vec::new(), Step::Begin));
-        let start = prev;
-        let mut planned: Vec<Planned> = Vec::new();
-        for (i, (tx, tables)) in txs.iter().zip(tx_tables).enumerate() {
-            for change in &tx.changes.changes {
-                planned.push(planner.plan(&tx.changes, &tables, change, tx.commit_time, i)?);
-            }
-            table_names.push(tables.into_iter().map(|k| k.name).collect());
-            prev = tx.end_lsn;
-        }
+        let start = self.progress;
+        let begin = vec![self.step_begin()];
+        let commit = self.commit_steps(last.end_lsn, last.commit_time, start, sync);
+        let changes = txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
         // Conflicts are rare: first try every change's fast path, which only applies changes
         // that follow from the local rows without a conflict. If one of them does not, the
         // attempt is rolled back and the batch is applied by the full statements.
-        if planned.iter().all(|p| !matches!(p.fast, Fast::No))
-            && self.try_fast(&planned, last, start, sync).await?
-        {
-            self.progress = prev;
+        if self.try_fast(&planned, &begin, &commit).await? {
+            self.progress = last.end_lsn;
             applied.transactions += txs.len();
-            applied.changes += txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
+            applied.changes += changes;
             applied.path = Some(Path::Fast);
             return Ok(());
         }
-        for p in planned {
-            let statement = self.prepared(&p.slow, &p.table, &p.step).await?;
-            steps.push((statement, p.params, p.step));
+        let conflicts = self.run_full(planned, &table_names, begin, commit).await?;
+        self.progress = last.end_lsn;
+        applied.path = Some(Path::Full);
+        applied.transactions += txs.len();
+        applied.changes += changes;
+        applied.conflicts += conflicts.len();
+        self.count_conflicts(conflicts);
+        Ok(())
+    }
+
+    /// Plans every change of `sets` (each a change set and its transaction's commit time, the
+    /// `i`-th of the batch), checking their tables first; returns the plans and, per set, its
+    /// tables' names (what [`Step::Change`] indexes).
+    async fn plan_sets(
+        &mut self,
+        sets: &[(&ChangeSet, i64)],
+    ) -> Result<(Vec<Planned>, Vec<Vec<Arc<TableName>>>), ApplyError> {
+        let mut tx_tables = Vec::with_capacity(sets.len());
+        for (set, _) in sets {
+            tx_tables.push(self.check_tables(set).await?);
         }
-        steps.push((
+        let rules = self.rules.clone();
+        let origins = self.origins.clone();
+        let conflict_column = self.replication.conflict_column.clone();
+        let planner = Planner {
+            origin: &self.origin_node,
+            here: &self.here,
+            conflict_column: &conflict_column,
+            rules: &rules,
+            origins: &origins,
+            texts: &self.texts,
+            shape: std::sync::Mutex::new(String::new()),
+        };
+        let mut planned = Vec::with_capacity(sets.iter().map(|(s, _)| s.changes.len()).sum());
+        let mut table_names = Vec::with_capacity(sets.len());
+        for (i, ((set, commit_time), tables)) in sets.iter().zip(tx_tables).enumerate() {
+            for change in &set.changes {
+                planned.push(planner.plan(set, &tables, change, *commit_time, i)?);
+            }
+            table_names.push(tables.into_iter().map(|k| k.name).collect());
+        }
+        Ok((planned, table_names))
+    }
+
+    fn step_begin(&self) -> (Statement, Vec<PgText>, Step) {
+        (self.begin.clone(), Vec::new(), Step::Begin)
+    }
+
+    /// What ends an apply transaction: the progress record moved from `start` to `end` with the
+    /// origin's commit data (see `setup`), the synchronous commit when asked, COMMIT.
+    fn commit_steps(
+        &self,
+        end: Lsn,
+        commit_time: i64,
+        start: Lsn,
+        sync: bool,
+    ) -> Vec<(Statement, Vec<PgText>, Step)> {
+        let mut steps = vec![(
             self.setup.clone(),
-            setup_params(last, start, &self.origin_node),
+            setup_params(end, commit_time, start, &self.origin_node),
             Step::Setup,
-        ));
+        )];
         if sync {
             steps.push((self.sync_commit.clone(), Vec::new(), Step::SyncCommit));
         }
         steps.push((self.commit.clone(), Vec::new(), Step::Commit));
+        steps
+    }
+
+    /// Counts and logs conflicts that committed, as (table, kind, resolution).
+    fn count_conflicts(&self, conflicts: Vec<(String, String, String)>) {
+        for (table, kind, resolution) in conflicts {
+            self.metrics
+                .conflicts
+                .with_label_values(&[&table, &kind, &resolution])
+                .inc();
+            if kind == "ownership_violation" {
+                tracing::warn!(origin = %self.origin_node, %table, "a change its origin may not make was refused and recorded in pgmm.conflicts");
+            } else {
+                tracing::info!(origin = %self.origin_node, %table, %kind, %resolution, "conflict recorded in pgmm.conflicts");
+            }
+        }
+    }
+
+    /// Every planned change by its full last-writer-wins statement, between `before` and
+    /// `after`, as one pipeline. Returns the conflicts the changes recorded, as (table, kind,
+    /// resolution), when every statement succeeded (with a COMMIT in `after`: committed);
+    /// otherwise the first failure, the cause (the statements after it only report that the
+    /// transaction aborted).
+    async fn run_full(
+        &mut self,
+        planned: Vec<Planned>,
+        table_names: &[Vec<Arc<TableName>>],
+        before: Vec<(Statement, Vec<PgText>, Step)>,
+        after: Vec<(Statement, Vec<PgText>, Step)>,
+    ) -> Result<Vec<(String, String, String)>, ApplyError> {
+        let mut steps = before;
+        steps.reserve(planned.len() + after.len());
+        for p in planned {
+            let statement = self.prepared(&p.slow, &p.table, &p.step).await?;
+            steps.push((statement, p.params, p.step));
+        }
+        steps.extend(after);
         let client = &self.client;
         let results = join_all(steps.iter().map(|(statement, params, step)| async move {
             match step {
@@ -597,7 +699,6 @@ impl Applier {
         .await;
 
         let mut conflicts: Vec<(String, String, String)> = Vec::new();
-        let mut failure: Option<ApplyError> = None;
         for ((_, _, step), result) in steps.iter().zip(results) {
             match (step, result) {
                 (Step::Change { table, tx, .. }, Ok(recorded)) => {
@@ -605,65 +706,31 @@ impl Applier {
                         conflicts.push((table_names[*tx][*table].to_string(), kind, resolution));
                     }
                 }
-                (Step::Commit, Ok(_)) => {
-                    if failure.is_none() {
-                        self.progress = prev;
-                        applied.path = Some(Path::Full);
-                        applied.transactions += txs.len();
-                        applied.changes +=
-                            txs.iter().map(|t| t.changes.changes.len()).sum::<usize>();
-                        applied.conflicts += conflicts.len();
-                        for (table, kind, resolution) in conflicts.drain(..) {
-                            self.metrics
-                                .conflicts
-                                .with_label_values(&[&table, &kind, &resolution])
-                                .inc();
-                            if kind == "ownership_violation" {
-                                tracing::warn!(origin = %self.origin_node, %table, "a change its origin may not make was refused and recorded in pgmm.conflicts");
-                            } else {
-                                tracing::info!(origin = %self.origin_node, %table, %kind, %resolution, "conflict recorded in pgmm.conflicts");
-                            }
-                        }
-                    }
-                }
                 (_, Ok(_)) => {}
                 (step, Err(source)) => {
-                    conflicts.clear();
-                    if failure.is_none() {
-                        failure = Some(match step {
-                            Step::Change { table, what, tx } => ApplyError::Statement {
-                                table: TableName::clone(&table_names[*tx][*table]),
-                                what,
-                                source,
-                            },
-                            Step::Begin => ApplyError::Database {
-                                what: "starting the apply transaction",
-                                source,
-                            },
-                            Step::Setup => ApplyError::Database {
-                                what: "recording the progress under the replication origin",
-                                source,
-                            },
-                            Step::SyncCommit | Step::Commit => ApplyError::Database {
-                                what: "committing",
-                                source,
-                            },
-                        });
-                    }
+                    return Err(match step {
+                        Step::Change { table, what, tx } => ApplyError::Statement {
+                            table: TableName::clone(&table_names[*tx][*table]),
+                            what,
+                            source,
+                        },
+                        other => ApplyError::Database {
+                            what: other.doing(),
+                            source,
+                        },
+                    });
                 }
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        Ok(conflicts)
     }
 
-    /// The fast attempt at a batch (see `pipeline`): BEGIN, the origin setup, every change's
-    /// fast statement and COMMIT, as one pipeline, so that it takes one round trip. A fast
-    /// statement fails unless it applied all its changes (`sql::all_applied`), which aborts the
-    /// transaction and turns the COMMIT into a rollback; then (false) the full statements apply
-    /// the batch in order, and report the error if it is a real one.
+    /// The fast attempt at a batch (see `pipeline`): `before`, every change's fast statement
+    /// and `after`, as one pipeline, so that it takes one round trip. A fast statement fails
+    /// unless it applied all its changes (`sql::all_applied`), which aborts the transaction (a
+    /// COMMIT in `after` then rolls back); then (false) the caller applies the changes by the
+    /// full statements, which report the error if it is a real one. False at once when a change
+    /// has no fast path.
     ///
     /// Changes to distinct rows commute, so the batch is sorted into layers in which no row is
     /// changed twice ([`layers`]), and within a layer the changes of one shape (table,
@@ -673,11 +740,24 @@ impl Applier {
     async fn try_fast(
         &mut self,
         planned: &[Planned],
-        last: &RemoteTx,
-        start: Lsn,
-        sync: bool,
+        before: &[(Statement, Vec<PgText>, Step)],
+        after: &[(Statement, Vec<PgText>, Step)],
     ) -> Result<bool, ApplyError> {
-        let mut steps: Vec<(Statement, Vec<Param>)> = vec![(self.begin.clone(), Vec::new())];
+        if planned.iter().any(|p| matches!(p.fast, Fast::No)) {
+            return Ok(false);
+        }
+        let framing = |steps: &[(Statement, Vec<PgText>, Step)]| {
+            steps
+                .iter()
+                .map(|(statement, params, _)| {
+                    (
+                        statement.clone(),
+                        params.iter().cloned().map(Param::One).collect::<Vec<_>>(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut steps: Vec<(Statement, Vec<Param>)> = framing(before);
         for layer in layers(planned) {
             for group in layer {
                 let p = &planned[group[0]];
@@ -687,7 +767,7 @@ impl Applier {
                     } if group.len() > 1 => (bulk, true),
                     Fast::Text { single, .. } => (single, false),
                     Fast::Same => (&p.slow, false),
-                    Fast::No => unreachable!("checked by the caller"),
+                    Fast::No => unreachable!("checked above"),
                 };
                 let statement = self.prepared(text, &p.table, &p.step).await?;
                 let params = if bulk {
@@ -707,17 +787,7 @@ impl Applier {
                 steps.push((statement, params));
             }
         }
-        steps.push((
-            self.setup.clone(),
-            setup_params(last, start, &self.origin_node)
-                .into_iter()
-                .map(Param::One)
-                .collect(),
-        ));
-        if sync {
-            steps.push((self.sync_commit.clone(), Vec::new()));
-        }
-        steps.push((self.commit.clone(), Vec::new()));
+        steps.extend(framing(after));
         let client = &self.client;
         let results = join_all(
             steps
@@ -733,7 +803,7 @@ impl Applier {
                 source: e,
             }),
             Some(e) => {
-                tracing::debug!(error = %pg_error_text(&e), "the fast attempt missed; applying the batch by the full statements");
+                tracing::debug!(error = %pg_error_text(&e), "the fast attempt missed; applying the changes by the full statements");
                 Ok(false)
             }
         }
@@ -823,12 +893,12 @@ impl Applier {
     }
 }
 
-/// The origin setup's parameters for a batch from `origin` ending with `last`, started at
-/// progress `start`.
-fn setup_params(last: &RemoteTx, start: Lsn, origin: &str) -> Vec<PgText> {
+/// The origin setup's parameters for a batch from `origin` ending with the transaction that
+/// ends at `end`, committed at `commit_time`, started at progress `start`.
+fn setup_params(end: Lsn, commit_time: i64, start: Lsn, origin: &str) -> Vec<PgText> {
     vec![
-        literal(format_lsn(last.end_lsn)),
-        literal(last.commit_time.to_string()),
+        literal(format_lsn(end)),
+        literal(commit_time.to_string()),
         literal(format_lsn(start)),
         literal(origin.to_owned()),
     ]
@@ -933,7 +1003,7 @@ fn row_hash<'a>(quoted: &str, key: impl Iterator<Item = &'a Datum>) -> u64 {
     for d in key {
         match d {
             Datum::Text(b) | Datum::Binary(b) => b.hash(&mut h),
-            Datum::Null | Datum::UnchangedToast => 0u8.hash(&mut h),
+            Datum::Null | Datum::UnchangedToast | Datum::Staged => 0u8.hash(&mut h),
         }
     }
     h.finish()
@@ -1313,6 +1383,7 @@ impl Planner<'_> {
                 Some(Datum::Text(b)) => PgText(Some(b.clone())),
                 Some(Datum::UnchangedToast) => literal("(unchanged TOAST value)".into()),
                 Some(Datum::Binary(_)) => literal("(binary value)".into()),
+                Some(Datum::Staged) => literal("(a value staged in pieces)".into()),
                 Some(Datum::Null) => PgText(None),
                 None => literal("true".into()),
             })

@@ -7,12 +7,13 @@
 //! progress record as the database has it, so a sender always restarts from what is
 //! committed here, and anything it sends twice is skipped by the applier.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,19 +22,21 @@ use super::{origin_name, Applier, ApplyError, BatchError, Path, RemoteTx};
 use crate::config::owners::OwnerRules;
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::pg::pg_error_text;
+use crate::replication::changeset::{Change, ChangeSet};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
     self, Body, FrameError, HandshakeLimit, HandshakePermit, PeerIdentity, PeerMetrics,
-    ResumeSource, ServerTls,
+    PeerReceiver, ResumeSource, ServerTls,
 };
-use crate::replication::pgoutput::{parse_lsn, pg_epoch_micros, Lsn};
+use crate::replication::pgoutput::{parse_lsn, pg_epoch_micros, Datum, Lsn};
 
 /// How often each end of a link says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A link that carried nothing, not even a heartbeat, for this long is dead.
 pub const LINK_SILENCE: Duration = Duration::from_secs(30);
 /// Transactions waiting between the link reader and apply: enough to batch commits, few enough
-/// that a slow database pushes back on the sender through TCP.
+/// that a slow database pushes back on the sender through TCP (their bytes are bounded by
+/// `[replication] apply_queue_bytes`).
 const QUEUE: usize = 4096;
 /// At most this many asynchronous commits before a synchronous one (and an ack).
 const MAX_UNSYNCED: usize = 4096;
@@ -248,70 +251,25 @@ impl Receiver {
             _ = token.cancelled() => return,
             guard = slot.applier.lock() => guard,
         };
-        let (mut sender, mut receiver) = conn.into_split();
-        let (queue, mut inbound) = mpsc::channel::<RemoteTx>(QUEUE);
-        let reader_token = token.clone();
-        let reader_node = node.clone();
-        let mut skew = ClockSkew::new(
+        let (mut sender, receiver) = conn.into_split();
+        // Between the link reader and apply: at most `apply_queue_bytes` of changes (and
+        // MAX_QUEUE transactions), so that a slow database pushes back on the sender through TCP
+        // and memory does not follow the sender's pace.
+        let (queue, mut inbound) = mpsc::channel::<Queued>(QUEUE);
+        let budget = Arc::new(Semaphore::new(self.replication.apply_queue_bytes));
+        let skew = ClockSkew::new(
             self.metrics.peer_clock_skew.with_label_values(&[&node]),
             Duration::from_millis(self.replication.max_clock_skew_ms),
         );
-        let reader = tokio::spawn(async move {
-            // Made once: a fresh one per frame would register with the token every time.
-            let cancelled = reader_token.cancelled();
-            tokio::pin!(cancelled);
-            loop {
-                let next = tokio::select! {
-                    _ = &mut cancelled => break,
-                    n = tokio::time::timeout(LINK_SILENCE, receiver.recv()) => n,
-                };
-                match next {
-                    Err(_) => {
-                        tracing::warn!(peer = %reader_node, "peer link silent for {LINK_SILENCE:?}: dropping it");
-                        break;
-                    }
-                    Ok(Ok(Some(Body::Transaction {
-                        origin,
-                        end_lsn,
-                        commit_time,
-                        changes,
-                        ..
-                    }))) => {
-                        if origin != reader_node {
-                            tracing::warn!(peer = %reader_node, %origin, "peer sent another node's transaction: dropping the link");
-                            break;
-                        }
-                        let item = RemoteTx {
-                            end_lsn,
-                            commit_time,
-                            changes,
-                        };
-                        if queue.send(item).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(Ok(Some(Body::Heartbeat { sent_at_micros }))) => {
-                        skew.observe(
-                            &reader_node,
-                            sent_at_micros,
-                            pg_epoch_micros(SystemTime::now()),
-                        );
-                    }
-                    Ok(Ok(Some(other))) => {
-                        tracing::warn!(peer = %reader_node, message = other.name(), "unexpected message on the peer link: dropping it");
-                        break;
-                    }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(FrameError::UnknownMessage { name, .. })) => {
-                        tracing::debug!(peer = %reader_node, %name, "ignoring a message kind this node does not know");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %reader_node, error = %e, "peer link read failed");
-                        break;
-                    }
-                }
-            }
-        });
+        let reader = tokio::spawn(read_link(
+            receiver,
+            node.clone(),
+            queue,
+            budget,
+            self.replication.apply_queue_bytes,
+            skew,
+            token.clone(),
+        ));
 
         let applied_changes = self.metrics.changes_applied.with_label_values(&[&node]);
         let applied_txs = self
@@ -330,29 +288,26 @@ impl Receiver {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unsynced = 0usize;
+        // An item taken from the queue while collecting a batch that does not belong in it.
+        let mut pending: Option<Queued> = None;
         loop {
-            let first = tokio::select! {
-                _ = token.cancelled() => break,
-                _ = heartbeat.tick() => {
-                    let now = pg_epoch_micros(SystemTime::now());
-                    if sender.send(&Body::Heartbeat { sent_at_micros: now }).await.is_err() {
-                        break;
+            let first = match pending.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = heartbeat.tick() => {
+                        let now = pg_epoch_micros(SystemTime::now());
+                        if sender.send(&Body::Heartbeat { sent_at_micros: now }).await.is_err() {
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                item = inbound.recv() => match item {
-                    Some(item) => item,
-                    None => break,
+                    item = inbound.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
                 },
             };
-            // Whatever else has arrived goes into the same pipeline.
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match inbound.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
             if applier.as_ref().is_none_or(Applier::is_closed) {
                 match self.open_applier(&node, &token).await {
                     Ok(a) => *applier = Some(a),
@@ -364,18 +319,66 @@ impl Receiver {
                 }
             }
             let a = applier.as_mut().expect("opened above");
-            let sync = inbound.is_empty() || unsynced + batch.len() >= MAX_UNSYNCED;
-            let (outcome, error) = match a.apply_batch(&batch, sync).await {
-                Ok(outcome) => (outcome, None),
-                Err(BatchError { applied, error }) => (applied, Some(error)),
+            let Queued {
+                item,
+                budget: _held,
+            } = first;
+            let (outcome, error) = match item {
+                Inbound::Whole(tx) => {
+                    // Whatever else has arrived goes into the same pipeline.
+                    let mut batch = vec![tx];
+                    let mut held = Vec::new();
+                    while batch.len() < MAX_BATCH {
+                        match inbound.try_recv() {
+                            Ok(Queued {
+                                item: Inbound::Whole(tx),
+                                budget,
+                            }) => {
+                                batch.push(tx);
+                                held.push(budget);
+                            }
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let sync = pending.is_none() && inbound.is_empty()
+                        || unsynced + batch.len() >= MAX_UNSYNCED;
+                    match a.apply_batch(&batch, sync).await {
+                        Ok(outcome) => (Some((outcome, sync)), None),
+                        Err(BatchError { applied, error }) => (Some((applied, sync)), Some(error)),
+                    }
+                }
+                Inbound::Begin {
+                    commit_lsn,
+                    commit_time,
+                } => {
+                    a.stream_begin(commit_lsn, commit_time);
+                    (None, None)
+                }
+                Inbound::Chunk(changes) => match a.stream_chunk(&changes).await {
+                    Ok(()) => (None, None),
+                    Err(e) => (None, Some(e)),
+                },
+                Inbound::Commit { end_lsn, changes } => {
+                    let sync = inbound.is_empty() || unsynced + 1 >= MAX_UNSYNCED;
+                    match a.stream_commit(end_lsn, &changes, sync).await {
+                        Ok(outcome) => (Some((outcome, sync)), None),
+                        Err(e) => (None, Some(e)),
+                    }
+                }
             };
-            applied_changes.inc_by(outcome.changes as u64);
-            match outcome.path {
-                Some(Path::Fast) => fast_batches.inc(),
-                Some(Path::Full) => full_batches.inc(),
-                None => {}
+            if let Some((outcome, _)) = &outcome {
+                applied_changes.inc_by(outcome.changes as u64);
+                match outcome.path {
+                    Some(Path::Fast) => fast_batches.inc(),
+                    Some(Path::Full) => full_batches.inc(),
+                    None => {}
+                }
+                applied_txs.inc_by(outcome.transactions as u64);
             }
-            applied_txs.inc_by(outcome.transactions as u64);
             if let Some(e) = error {
                 apply_errors.inc();
                 tracing::error!(
@@ -387,6 +390,9 @@ impl Receiver {
                 );
                 break;
             }
+            let Some((outcome, sync)) = outcome else {
+                continue;
+            };
             unsynced += outcome.transactions;
             // Duplicates alone change nothing here: the current progress may be acked at once.
             if sync || unsynced == 0 {
@@ -398,6 +404,11 @@ impl Receiver {
                     break;
                 }
             }
+        }
+        // A transaction whose link ended in its middle is rolled back now: the next link starts
+        // it over.
+        if let Some(a) = applier.as_mut() {
+            a.abandon_stream().await;
         }
         token.cancel();
         reader.abort();
@@ -436,6 +447,203 @@ impl Receiver {
                 other => return other,
             }
         }
+    }
+}
+
+/// What the link reader hands to apply.
+enum Inbound {
+    /// A transaction that came in one frame.
+    Whole(RemoteTx),
+    /// The start, the middle and the end of a transaction that came in chunks.
+    Begin {
+        commit_lsn: Lsn,
+        commit_time: i64,
+    },
+    Chunk(ChangeSet),
+    Commit {
+        end_lsn: Lsn,
+        changes: ChangeSet,
+    },
+}
+
+/// An [`Inbound`] with its share of the queue's byte budget, given back when it is dropped
+/// (once applied).
+struct Queued {
+    item: Inbound,
+    budget: OwnedSemaphorePermit,
+}
+
+/// Largest value put back together from `TxValue` pieces: PostgreSQL's limit for one value.
+const MAX_VALUE_BYTES: usize = 1 << 30;
+
+/// Reads one inbound link until it ends, fails, or `token` is cancelled, and queues what it
+/// reads for apply, each item once `budget` has room for it (`cap` bounds what one item takes).
+/// Checks the order of a chunked transaction's messages and puts its staged values back.
+async fn read_link(
+    mut receiver: PeerReceiver,
+    node: String,
+    queue: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+    cap: usize,
+    mut skew: ClockSkew,
+    token: CancellationToken,
+) {
+    // Made once: a fresh one per frame would register with the token every time.
+    let cancelled = token.cancelled();
+    tokio::pin!(cancelled);
+    // Inside a chunked transaction (between TxBegin and TxCommit)?
+    let mut open = false;
+    // Values complete and waiting for their change, and the one being put together.
+    let mut staged: VecDeque<Bytes> = VecDeque::new();
+    let mut piece = BytesMut::new();
+    loop {
+        let next = tokio::select! {
+            _ = &mut cancelled => break,
+            n = tokio::time::timeout(LINK_SILENCE, receiver.recv()) => n,
+        };
+        let body = match next {
+            Err(_) => {
+                tracing::warn!(peer = %node, "peer link silent for {LINK_SILENCE:?}: dropping it");
+                break;
+            }
+            Ok(Ok(Some(body))) => body,
+            Ok(Ok(None)) => break,
+            Ok(Err(FrameError::UnknownMessage { name, .. })) => {
+                tracing::debug!(peer = %node, %name, "ignoring a message kind this node does not know");
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %node, error = %e, "peer link read failed");
+                break;
+            }
+        };
+        let name = body.name();
+        let item = match (open, body) {
+            (_, Body::Heartbeat { sent_at_micros }) => {
+                skew.observe(&node, sent_at_micros, pg_epoch_micros(SystemTime::now()));
+                continue;
+            }
+            (
+                false,
+                Body::Transaction {
+                    origin,
+                    end_lsn,
+                    commit_time,
+                    changes,
+                    ..
+                },
+            ) => {
+                if origin != node {
+                    tracing::warn!(peer = %node, %origin, "peer sent another node's transaction: dropping the link");
+                    break;
+                }
+                Inbound::Whole(RemoteTx {
+                    end_lsn,
+                    commit_time,
+                    changes,
+                })
+            }
+            (
+                false,
+                Body::TxBegin {
+                    origin,
+                    commit_lsn,
+                    commit_time,
+                },
+            ) => {
+                if origin != node {
+                    tracing::warn!(peer = %node, %origin, "peer sent another node's transaction: dropping the link");
+                    break;
+                }
+                open = true;
+                Inbound::Begin {
+                    commit_lsn,
+                    commit_time,
+                }
+            }
+            (true, Body::TxValue { data, last }) => {
+                if piece.len() + data.len() > MAX_VALUE_BYTES {
+                    tracing::warn!(peer = %node, "peer sent a value larger than {MAX_VALUE_BYTES} bytes: dropping the link");
+                    break;
+                }
+                if piece.is_empty() && last {
+                    staged.push_back(data);
+                } else {
+                    piece.extend_from_slice(&data);
+                    if last {
+                        staged.push_back(std::mem::take(&mut piece).freeze());
+                    }
+                }
+                continue;
+            }
+            (true, Body::TxChunk { mut changes }) => {
+                if let Err(e) = unstage(&mut changes, &mut staged) {
+                    tracing::warn!(peer = %node, error = e, "malformed chunked transaction: dropping the link");
+                    break;
+                }
+                Inbound::Chunk(changes)
+            }
+            (
+                true,
+                Body::TxCommit {
+                    end_lsn,
+                    mut changes,
+                    ..
+                },
+            ) => {
+                if let Err(e) = unstage(&mut changes, &mut staged) {
+                    tracing::warn!(peer = %node, error = e, "malformed chunked transaction: dropping the link");
+                    break;
+                }
+                open = false;
+                Inbound::Commit { end_lsn, changes }
+            }
+            (_, _) => {
+                tracing::warn!(peer = %node, message = name, in_transaction = open, "unexpected message on the peer link: dropping it");
+                break;
+            }
+        };
+        let bytes = match &item {
+            Inbound::Whole(tx) => tx.changes.approx_bytes(),
+            Inbound::Chunk(changes) | Inbound::Commit { changes, .. } => changes.approx_bytes(),
+            Inbound::Begin { .. } => 0,
+        };
+        let want = u32::try_from(bytes.clamp(1, cap)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            _ = &mut cancelled => break,
+            p = budget.clone().acquire_many_owned(want) => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        if queue
+            .send(Queued {
+                item,
+                budget: permit,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Puts the values sent ahead in pieces back in the places of `changes` marked
+/// [`Datum::Staged`], in the order the sender took them out (changes, then columns).
+fn unstage(changes: &mut ChangeSet, staged: &mut VecDeque<Bytes>) -> Result<(), &'static str> {
+    for change in &mut changes.changes {
+        let (Change::Insert { new, .. } | Change::Update { new, .. }) = change else {
+            continue;
+        };
+        for datum in new.iter_mut().filter(|d| matches!(d, Datum::Staged)) {
+            *datum = Datum::Text(staged.pop_front().ok_or("a staged value never arrived")?);
+        }
+    }
+    if staged.is_empty() {
+        Ok(())
+    } else {
+        Err("values were sent that no change takes")
     }
 }
 

@@ -29,8 +29,9 @@ use crate::replication::changeset::ChangeSet;
 /// additive changes (new fields, new message kinds) keep it.
 pub const WIRE_VERSION: u16 = 1;
 
-/// Largest payload of one frame. One frame carries one whole transaction, so this caps the
-/// transaction size a link can ship; it also bounds what a peer can make us buffer.
+/// Largest payload of one frame: what a peer can make us buffer at once. A transaction larger
+/// than `[replication] chunk_bytes` travels as several frames (protocol 2), and a value larger
+/// than a frame in [`Body::TxValue`] pieces, so no transaction or value needs a larger frame.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Largest payload of one frame before the peer is authenticated (both directions of the
@@ -108,6 +109,36 @@ pub enum Body {
         commit_time: i64,
         changes: ChangeSet,
     },
+    /// Protocol 2: the start of a transaction sent in pieces, because it outgrew
+    /// `[replication] chunk_bytes` while it was being decoded. [`Body::TxChunk`]s follow, then
+    /// one [`Body::TxCommit`]; nothing else of the same origin comes in between.
+    TxBegin {
+        origin: String,
+        /// The commit record's LSN, known from the start (pgoutput's Begin says it): the
+        /// receiver knows from it whether it has the transaction already.
+        commit_lsn: u64,
+        /// Microseconds since 2000-01-01 UTC.
+        commit_time: i64,
+    },
+    /// Protocol 2: the next changes of the transaction a [`Body::TxBegin`] opened, in order;
+    /// self-contained like a whole transaction's (it names its own tables).
+    TxChunk { changes: ChangeSet },
+    /// Protocol 2: a piece of a value too large for a frame. The pieces of one value come in
+    /// order, `last` on the final one, ahead of the [`Body::TxChunk`] or [`Body::TxCommit`] whose
+    /// change holds [`crate::replication::pgoutput::Datum::Staged`] in its place; several staged
+    /// values of one chunk come in the order of their changes and columns.
+    TxValue {
+        #[serde(with = "crate::replication::pgoutput::serde_bytes_compat")]
+        data: bytes::Bytes,
+        last: bool,
+    },
+    /// Protocol 2: the last changes of the open transaction, and its commit.
+    TxCommit {
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_time: i64,
+        changes: ChangeSet,
+    },
 }
 
 /// The server's acceptance of a handshake.
@@ -147,6 +178,10 @@ impl Body {
             Body::Heartbeat { .. } => "Heartbeat",
             Body::Ack { .. } => "Ack",
             Body::Transaction { .. } => "Transaction",
+            Body::TxBegin { .. } => "TxBegin",
+            Body::TxChunk { .. } => "TxChunk",
+            Body::TxValue { .. } => "TxValue",
+            Body::TxCommit { .. } => "TxCommit",
         }
     }
 }

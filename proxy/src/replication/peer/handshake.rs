@@ -37,8 +37,16 @@ use super::PeerIdentity;
 
 /// Peer protocol version this build speaks at most; the handshake settles on
 /// `min(client's, server's)` if both support it.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest peer protocol version this build still speaks.
+///
+/// 1: one `Transaction` frame per transaction (at most 64 MiB). 2: a transaction larger than
+/// `[replication] chunk_bytes` travels as `TxBegin`, `TxChunk`s, `TxCommit`, a value larger
+/// than a frame as `TxValue` pieces.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first version with chunked transactions.
+pub const CHUNKED_PROTOCOL_VERSION: u16 = 2;
+/// Oldest peer protocol version this build still speaks. A link with a node of the previous
+/// release settles on 1, where transactions travel whole as they did (so a rolling upgrade keeps
+/// replicating; only transactions over the 64 MiB frame limit wait for both ends to speak 2).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// The only reason text sent for a proof mismatch, on purpose (see the module docs).

@@ -47,7 +47,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use backoff::{Backoff, BACKOFF_BASE};
 pub use frame::{Body, FrameError, Welcome, HANDSHAKE_MAX_FRAME_BYTES, MAX_FRAME_BYTES};
-pub use handshake::{HandshakeError, ResumeSource, PROTOCOL_VERSION};
+pub use handshake::{HandshakeError, ResumeSource, CHUNKED_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
 
 use crate::config::Config;
@@ -325,8 +325,7 @@ type BoxIo = Box<dyn Io>;
 pub struct PeerConnection {
     sender: PeerSender,
     receiver: PeerReceiver,
-    /// The version both ends agreed on (logged when the link is made); the tests read it.
-    #[cfg(test)]
+    /// The version both ends agreed on: whether transactions may travel in chunks (2).
     protocol: u16,
 }
 
@@ -359,7 +358,6 @@ impl PeerConnection {
                 writer,
             },
             receiver: PeerReceiver { reader },
-            #[cfg(test)]
             protocol,
         }
     }
@@ -371,7 +369,6 @@ impl PeerConnection {
     }
 
     /// The protocol version both ends agreed on.
-    #[cfg(test)]
     pub fn protocol(&self) -> u16 {
         self.protocol
     }

@@ -336,9 +336,20 @@ pub enum Datum {
     Text(#[serde(with = "serde_bytes_compat")] Bytes),
     /// The type's binary send format (only with the `binary 'true'` option).
     Binary(#[serde(with = "serde_bytes_compat")] Bytes),
+    /// Never decoded from pgoutput: on the peer link, a value too large for one frame, sent
+    /// ahead of its change in `TxValue` pieces; the receiver puts the value back in its place.
+    Staged,
 }
 
 impl Datum {
+    /// Bytes of the value (0 for NULL and the markers).
+    pub fn len(&self) -> usize {
+        match self {
+            Datum::Text(b) | Datum::Binary(b) => b.len(),
+            Datum::Null | Datum::UnchangedToast | Datum::Staged => 0,
+        }
+    }
+
     /// The text form, when this is a text datum holding valid UTF-8.
     pub fn as_str(&self) -> Option<&str> {
         match self {
@@ -760,6 +771,7 @@ impl fmt::Display for Datum {
         match self {
             Datum::Null => f.write_str("NULL"),
             Datum::UnchangedToast => f.write_str("<unchanged toast>"),
+            Datum::Staged => f.write_str("<staged value>"),
             Datum::Text(b) => write!(f, "{:?}", String::from_utf8_lossy(b)),
             Datum::Binary(b) => {
                 f.write_str("\\x")?;
@@ -772,7 +784,7 @@ impl fmt::Display for Datum {
 /// Serde for [`Bytes`] without enabling the `bytes/serde` feature: serialised as a byte string
 /// (compact in binary formats), deserialised from a byte string or a sequence of integers (what
 /// text formats such as JSON or TOML produce).
-mod serde_bytes_compat {
+pub(crate) mod serde_bytes_compat {
     use bytes::Bytes;
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
