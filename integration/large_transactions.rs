@@ -92,6 +92,24 @@ fn a_value_larger_than_a_frame_replicates() {
     );
     c.wait_converged_within("t", 100, Duration::from_secs(300));
     let digest = "SELECT length(v) || ':' || md5(v) FROM t WHERE id = 1";
+    // A row of twenty values just under a chunk each: 70 MiB, more than a frame, with no value
+    // larger than a chunk.
+    let columns: Vec<String> = (1..=20).map(|i| format!("c{i} text")).collect();
+    c.exec_all(&format!(
+        "CREATE TABLE w (id int PRIMARY KEY, {}, updated_at timestamptz NOT NULL DEFAULT now())",
+        columns.join(", ")
+    ));
+    c.wait_enrolled("w");
+    let names: Vec<String> = (1..=20).map(|i| format!("c{i}")).collect();
+    c.exec(
+        0,
+        &format!(
+            "WITH v AS (SELECT string_agg(md5(g::text), '') AS s                FROM generate_series(1, 3500 * 1024 / 32) g)              INSERT INTO w (id, {}) SELECT 1, {} FROM v",
+            names.join(", "),
+            (1..=20).map(|i| format!("{i} || s")).collect::<Vec<_>>().join(", ")
+        ),
+    );
+    c.wait_converged_within("w", 1, Duration::from_secs(300));
     assert_eq!(c.scalar(1, digest), c.scalar(0, digest));
     assert_eq!(
         c.scalar(1, "SELECT length(v) FROM t WHERE id = 1"),

@@ -177,6 +177,8 @@ listen = {{ printf "0.0.0.0:%d" (int $v.pgmm.ports.metrics) | toJson }}
 tables = {{ toJson $v.replication.tables }}
 conflict_column = {{ $v.replication.conflictColumn | toJson }}
 enrol_interval_seconds = {{ int $v.replication.enrolIntervalSeconds }}
+chunk_bytes = {{ int64 $v.replication.chunkBytes }}
+apply_queue_bytes = {{ int64 $v.replication.applyQueueBytes }}
 {{- end }}
 {{- range $v.ownership }}
 

@@ -444,11 +444,17 @@ struct Streaming {
     changes: u64,
 }
 
+/// Values up to this size stay in their row even when the row is staged (at most 1,664 columns
+/// of it: a few megabytes).
+const SMALL_VALUE: usize = 1024;
+
 /// Sends every value of `changes` larger than `piece` ahead in [`Body::TxValue`] pieces of at
 /// most `piece` bytes (each flushed at once, so that the link buffers one piece at a time),
 /// leaving [`Datum::Staged`] in its place: no frame then holds more than a chunk, however large
-/// a value is (PostgreSQL's limit is 1 GB). Only new row values can be that large; keys are
-/// bounded by the index (a few kilobytes).
+/// a value is (PostgreSQL's limit is 1 GB). A row larger than `piece` in all has every value
+/// over [`SMALL_VALUE`] staged too, since many values just under `piece` (say twenty of 4 MiB)
+/// would otherwise make one frame over the link's limit. Only new row values can be large; keys
+/// are bounded by the index (a few kilobytes).
 async fn send_staged(
     link: &mut PeerSender,
     changes: &mut ChangeSet,
@@ -458,7 +464,9 @@ async fn send_staged(
         let (Change::Insert { new, .. } | Change::Update { new, .. }) = change else {
             continue;
         };
-        for datum in new.iter_mut().filter(|d| d.len() > piece) {
+        let whole: usize = new.iter().map(Datum::len).sum();
+        let limit = if whole > piece { SMALL_VALUE } else { piece };
+        for datum in new.iter_mut().filter(|d| d.len() > limit) {
             let (Datum::Text(value) | Datum::Binary(value)) =
                 std::mem::replace(datum, Datum::Staged)
             else {
