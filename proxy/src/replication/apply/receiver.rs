@@ -253,7 +253,7 @@ impl Receiver {
         };
         let (mut sender, receiver) = conn.into_split();
         // Between the link reader and apply: at most `apply_queue_bytes` of changes (and
-        // MAX_QUEUE transactions), so that a slow database pushes back on the sender through TCP
+        // QUEUE transactions), so that a slow database pushes back on the sender through TCP
         // and memory does not follow the sender's pace.
         let (queue, mut inbound) = mpsc::channel::<Queued>(QUEUE);
         let budget = Arc::new(Semaphore::new(self.replication.apply_queue_bytes));
