@@ -8,6 +8,7 @@
 mod harness;
 
 mod conflicts;
+mod ddl;
 mod demo;
 mod front_door;
 mod large_transactions;

@@ -49,17 +49,6 @@ fn expect_everywhere(c: &TestCluster, model: &BTreeMap<i32, String>, step: &str)
     c.wait_converged("t", model.len());
 }
 
-fn assert_no_conflicts(c: &TestCluster) {
-    for i in 0..c.len() {
-        assert_eq!(
-            c.conflicts(i),
-            Vec::<String>::new(),
-            "pgmm.conflicts on node {:?}",
-            c.name(i)
-        );
-    }
-}
-
 fn metric(c: &TestCluster, i: usize, series: &str) -> f64 {
     c.metric(i, series).unwrap_or(0.0)
 }
@@ -121,7 +110,7 @@ fn inserts_updates_deletes_and_truncates_reach_the_other_node() {
     b.exec("INSERT INTO t (id, v) VALUES (301, 'b301')");
     model.insert(301, "b301".into());
     expect_everywhere(&c, &model, "an insert after the second truncate");
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 /// Rows written on node `i` of a 3-node test: 10 transactions of 10 inserts, then one
@@ -194,7 +183,7 @@ fn three_nodes_converge_and_count_what_they_ship_and_apply() {
             );
         }
     }
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 #[test]
@@ -332,7 +321,7 @@ fn nothing_echoes() {
             );
         }
     }
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
     assert_eq!(c.wait_converged("t", 300), c.checksum(0, "t"));
 }
 
@@ -419,7 +408,7 @@ fn sigkill_mid_stream(victim: usize) {
         );
     }
     assert_eq!(sum, c.checksum(0, "t"));
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 #[test]
@@ -471,7 +460,7 @@ fn a_peer_down_for_a_while_catches_up() {
     for i in 0..2 {
         wait_metric_eq(&c, i, "pgmm_peer_up{peer=\"c\"}", 1.0);
     }
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 /// A catch-up applies many transactions per batch, each batch first as bulk statements: the
@@ -525,7 +514,7 @@ fn a_catch_up_in_bulk_keeps_every_type_and_the_order_of_each_rows_changes() {
     }
     c.pgmm_mut(1).restart();
     c.wait_converged("t", 200);
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
     assert_eq!(
         metric(&c, 1, "pgmm_apply_batches_total{path=\"full\",peer=\"a\"}"),
         0.0,
@@ -568,7 +557,7 @@ fn a_unique_constraint_the_fast_order_violates_falls_back_to_the_origin_order() 
         ),
         "1=y/1,2=x/0"
     );
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
     assert_eq!(
         metric(&c, 1, "pgmm_apply_batches_total{path=\"full\",peer=\"a\"}"),
         1.0,
@@ -638,7 +627,7 @@ fn a_wrong_secret_is_refused() {
         (0..3).any(|i| c.pgmm(i).log().contains("authentication")),
         "no pgmm logged the refusal's reason"
     );
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 #[test]
@@ -690,7 +679,7 @@ fn an_update_of_a_small_column_keeps_a_toasted_value() {
         &format!("3:{md5}:102400"),
     );
     c.wait_converged("doc", 1);
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 #[test]
@@ -713,7 +702,7 @@ fn a_table_created_while_running_is_enrolled() {
     c.exec(0, "INSERT INTO later (id, v) VALUES (1, 'a')");
     c.exec(1, "INSERT INTO later (id, v) VALUES (2, 'b')");
     c.wait_converged("later", 2);
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 }
 
 #[test]
@@ -813,7 +802,7 @@ fn a_node_on_15_and_a_node_on_18_replicate_both_ways_while_both_take_writes() {
     a.exec("DELETE FROM t WHERE id BETWEEN 191 AND 200");
     b.exec("DELETE FROM t WHERE id BETWEEN 91 AND 100");
     c.wait_converged("t", 180);
-    assert_no_conflicts(&c);
+    c.assert_no_conflicts();
 
     // Catch-up in both directions across a cut, with one conflicting row (b's update is the
     // later one and wins on both) and large values left unchanged by the updates.

@@ -459,6 +459,18 @@ impl TestCluster {
     }
 
     /// Node `i`'s current WAL insert position, in bytes.
+    /// Panics unless `pgmm.conflicts` is empty on every node.
+    pub fn assert_no_conflicts(&self) {
+        for i in 0..self.len() {
+            assert_eq!(
+                self.conflicts(i),
+                Vec::<String>::new(),
+                "pgmm.conflicts on node {:?}",
+                self.name(i)
+            );
+        }
+    }
+
     pub fn wal_lsn(&self, i: usize) -> u64 {
         self.scalar(i, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
             .parse()

@@ -330,6 +330,16 @@ fn postgres_host_port(pg: &tokio_postgres::Config) -> Option<(String, u16)> {
 impl ReplicationConfig {
     /// Whether `table` is covered by a `tables` pattern. Schema `pgmm` never matches: pgmm's
     /// own bookkeeping is per node and must not be replicated.
+    /// The patterns as (schema, table) with `None` for `*`, for the SQL that matches them in
+    /// the database (the DDL capture trigger). Validation refused any that does not parse.
+    pub fn patterns(&self) -> Vec<(Option<String>, Option<String>)> {
+        self.tables
+            .iter()
+            .filter_map(|p| validate::parse_pattern(p))
+            .map(|p| (p.schema, p.name))
+            .collect()
+    }
+
     pub fn matches(&self, table: &TableName) -> bool {
         table.schema != validate::PGMM_SCHEMA
             && self.tables.iter().any(|pattern| {

@@ -30,6 +30,7 @@ use crate::replication::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, Pe
 use crate::replication::ship::Shipper;
 use crate::replication::slot::{ReplicationConn, ReplicationError, WalSenderConfig};
 use crate::replication::slot_monitor;
+use crate::schema::ddl::{self, DdlCaptureError};
 use crate::schema::enrol::{self, EnrolError};
 use crate::schema::guard::{self, GuardContext, GuardError};
 use crate::schema::migrate::{self, MigrateError};
@@ -68,6 +69,8 @@ pub enum NodeError {
     #[error("enrolment: {0}")]
     Guard(#[source] Box<GuardError>),
     #[error(transparent)]
+    DdlCapture(#[from] DdlCaptureError),
+    #[error(transparent)]
     Peer(#[from] PeerError),
     #[error("peer TLS: {0}")]
     Tls(#[from] PeerTlsError),
@@ -102,6 +105,7 @@ impl NodeError {
                 .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
             NodeError::CommitTimestamps => "55000".into(),
             NodeError::Guard(e) => e.sqlstate().into(),
+            NodeError::DdlCapture(e) => e.sqlstate().into(),
             NodeError::Peer(e) => e.sqlstate().into(),
             NodeError::Tls(e) => e.sqlstate().into(),
             NodeError::Bind { .. } | NodeError::Metrics(_) => "58000".into(),
@@ -162,6 +166,9 @@ impl ReplicationNode {
         }
         metrics.enrolled_tables.set(tables.len() as i64);
         tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
+        // Before the front door opens and before the slots exist: every schema change from
+        // now on is in the WAL the slots stream.
+        ddl::install(&client, &config.replication).await?;
 
         let others: Vec<String> = config
             .cluster

@@ -1,10 +1,13 @@
 //! Postgres plumbing every part of pgmm shares: connecting to the local server, the text of a
 //! server error, quoting ([`quote`]) and the names pgmm gives its objects ([`names`]).
 
+use std::str::FromStr;
+
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::PostgresConfig;
+use names::CAPTURE_SETTING;
 
 pub mod names;
 pub mod pool;
@@ -39,7 +42,8 @@ impl ConnectError {
 /// Connects to `[postgres] url` (without TLS; the local Postgres is reached over loopback or a
 /// Unix socket) and drives the connection on a spawned task.
 pub async fn connect(pg: &PostgresConfig) -> Result<Client, ConnectError> {
-    let (client, connection) = tokio_postgres::connect(&pg.url, NoTls)
+    let (client, connection) = own_session(&pg.url)
+        .connect(NoTls)
         .await
         .map_err(|source| {
             let (host, port) = pg.host_port();
@@ -51,6 +55,20 @@ pub async fn connect(pg: &PostgresConfig) -> Result<Client, ConnectError> {
         }
     });
     Ok(client)
+}
+
+/// The connection settings of `url` for one of pgmm's own sessions: DDL they run (guard
+/// triggers, the publication) is pgmm's bookkeeping on this node, so the DDL capture trigger
+/// (`schema::ddl`) must not ship it to the peers.
+pub fn own_session(url: &str) -> tokio_postgres::Config {
+    // The url was parsed by the same function when the config was validated.
+    let mut config = tokio_postgres::Config::from_str(url).expect("[postgres] url is validated");
+    let options = match config.get_options() {
+        Some(given) if !given.is_empty() => format!("{given} -c {CAPTURE_SETTING}=off"),
+        _ => format!("-c {CAPTURE_SETTING}=off"),
+    };
+    config.options(&options);
+    config
 }
 
 /// tokio-postgres displays a server error as just "db error"; the operator needs the server's

@@ -16,3 +16,12 @@ pub const PUBLICATION: &str = "pgmm";
 /// (to tell a conflict from an update made after seeing the local version) and a delete's
 /// stamp (to order it against other writes).
 pub const VERSION_MESSAGE_PREFIX: &str = "pgmm.version";
+
+/// The prefix of the logical message pgmm's event trigger writes after each DDL command (JSON:
+/// command tag, the client's text, its `search_path` and role; see `schema::ddl`). Capture turns
+/// it into a schema change that peers replay in the same place among the data changes.
+pub const DDL_MESSAGE_PREFIX: &str = "pgmm.ddl";
+
+/// The setting pgmm's own sessions turn `off` so that the DDL they run (guard triggers, the
+/// publication) is not captured (see `pg::own_session`); anything else means on.
+pub const CAPTURE_SETTING: &str = "pgmm.capture_ddl";

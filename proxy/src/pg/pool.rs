@@ -5,7 +5,6 @@
 //! neither do the sessions that must keep their own state: apply (its replication origin and
 //! `session_replication_role`), the TOAST filler and the walsender streams.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 pub use deadpool_postgres::Pool;
@@ -22,8 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The pool, sized by `[postgres] pool_size`. Connections are made on first use (so a node can
 /// start while its Postgres is still coming up) and checked for a closed socket before reuse.
 pub fn pool(pg: &PostgresConfig) -> Pool {
-    // The url was parsed by the same function when the config was validated.
-    let config = tokio_postgres::Config::from_str(&pg.url).expect("[postgres] url is validated");
+    let config = super::own_session(&pg.url);
     let manager = Manager::from_config(
         config,
         NoTls,

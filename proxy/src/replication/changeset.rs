@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::table::TableName;
-use crate::pg::names::VERSION_MESSAGE_PREFIX;
+use crate::pg::names::{DDL_MESSAGE_PREFIX, VERSION_MESSAGE_PREFIX};
+use crate::replication::ddl::{DdlMessage, Picked, Statements};
 use crate::replication::pgoutput::{Begin, Datum, Lsn, Message, Relation, RelationCache, Tuple};
 
 /// A table as the origin described it.
@@ -78,6 +79,13 @@ pub enum Change {
         cascade: bool,
         restart_identity: bool,
     },
+    /// A schema change, replayed by the receiver where it stands among the row changes, with
+    /// the origin session's `search_path` and role (see [`crate::replication::ddl`]).
+    Ddl {
+        statement: String,
+        search_path: String,
+        role: String,
+    },
 }
 
 impl Change {
@@ -97,6 +105,11 @@ impl Change {
                 }
                 Change::Delete { key, .. } => values(key),
                 Change::Truncate { tables, .. } => 4 * tables.len(),
+                Change::Ddl {
+                    statement,
+                    search_path,
+                    role,
+                } => statement.len() + search_path.len() + role.len() + 96,
             }
     }
 
@@ -107,6 +120,7 @@ impl Change {
             | Change::Update { table, .. }
             | Change::Delete { table, .. } => (Some(*table), &[]),
             Change::Truncate { tables, .. } => (None, tables),
+            Change::Ddl { .. } => (None, &[]),
         };
         one.into_iter().chain(many.iter().copied())
     }
@@ -164,6 +178,9 @@ pub struct CapturedTx {
     /// Such a transaction is never shipped (that would echo it back), so its changes are
     /// dropped while assembling and `changes` is empty.
     pub origin: Option<String>,
+    /// DDL ran inside another statement (replayed whole on the peers) in a transaction that
+    /// also changed rows: if that statement made the row changes, peers make them twice.
+    pub enclosed_ddl_with_rows: bool,
     pub changes: ChangeSet,
 }
 
@@ -187,6 +204,8 @@ pub enum AssembleError {
     NoKey { table: String },
     #[error("pgoutput: Commit at {commit} does not end the transaction that began for {begin}")]
     CommitMismatch { begin: Lsn, commit: Lsn },
+    #[error("a {DDL_MESSAGE_PREFIX} message is not the JSON pgmm's event trigger writes")]
+    BadDdlMessage,
 }
 
 impl AssembleError {
@@ -207,6 +226,12 @@ struct Open {
     set: ChangeSet,
     /// [`ChangeSet::approx_bytes`] of `set`, kept as changes are added.
     bytes: usize,
+    /// Which statement of the client's text each DDL message stands for.
+    statements: Statements,
+    /// A DDL message came from inside another statement (a DO block, a function).
+    enclosing_ddl: bool,
+    /// A row change was seen (in any chunk).
+    rows: bool,
 }
 
 /// Turns one slot session's pgoutput messages into transactions, handed out in chunks of at most
@@ -279,6 +304,9 @@ impl Assembler {
                     index: HashMap::new(),
                     set: ChangeSet::default(),
                     bytes: 0,
+                    statements: Statements::default(),
+                    enclosing_ddl: false,
+                    rows: false,
                 });
                 Ok(None)
             }
@@ -299,6 +327,7 @@ impl Assembler {
                     end_lsn: commit.end_lsn,
                     commit_time: commit.commit_time,
                     origin: open.origin,
+                    enclosed_ddl_with_rows: open.enclosing_ddl && open.rows,
                     changes: open.set,
                 })))
             }
@@ -325,6 +354,30 @@ impl Assembler {
                 if let Some((oid, stamps)) = Stamps::parse(&m.content) {
                     open.stamps.insert(oid, stamps);
                 }
+                Ok(None)
+            }
+            Message::Logical(m) if m.transactional() && m.prefix == DDL_MESSAGE_PREFIX => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(AssembleError::OutsideTransaction("Message"))?;
+                if open.origin.is_some() {
+                    return Ok(None);
+                }
+                let ddl = DdlMessage::parse(&m.content).ok_or(AssembleError::BadDdlMessage)?;
+                let statement = match open.statements.pick(&ddl.tag, &ddl.query) {
+                    Picked::Own(s) => s,
+                    Picked::Enclosing(s) => {
+                        open.enclosing_ddl = true;
+                        s
+                    }
+                    Picked::Again => return Ok(None),
+                };
+                open.add(Change::Ddl {
+                    statement,
+                    search_path: ddl.search_path,
+                    role: ddl.role,
+                });
                 Ok(None)
             }
             Message::Type(_) | Message::Logical(_) => Ok(None),
@@ -434,6 +487,7 @@ impl Open {
     }
 
     fn add(&mut self, change: Change) {
+        self.rows |= !matches!(change, Change::Ddl { .. });
         self.bytes += change.approx_bytes();
         self.set.changes.push(change);
     }

@@ -25,11 +25,13 @@ use crate::config::{PeerEntry, PostgresConfig};
 use crate::pg::names::origin_name;
 use crate::pg::names::PUBLICATION;
 use crate::pg::pg_error_text;
-use crate::replication::changeset::{AssembleError, Assembled, Assembler, Change, ChangeSet};
+use crate::replication::changeset::{
+    AssembleError, Assembled, Assembler, CapturedTx, Change, ChangeSet,
+};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
     self, Backoff, Body, ClientTls, FrameError, PeerError, PeerIdentity, PeerMetrics, PeerSender,
-    BACKOFF_BASE, CHUNKED_PROTOCOL_VERSION,
+    BACKOFF_BASE, CHUNKED_PROTOCOL_VERSION, DDL_PROTOCOL_VERSION,
 };
 use crate::replication::pgoutput::{
     self, encode_standby_status_update, format_lsn, pg_epoch_micros, Datum, DecodeError, Lsn,
@@ -71,13 +73,20 @@ pub enum ShipError {
     Fill(#[from] FillError),
     #[error("connecting to the local Postgres to read unchanged TOAST values: {}", pg_error_text(.0))]
     FillConnect(#[source] tokio_postgres::Error),
+    #[error(
+        "a transaction with a schema change waits: the peer speaks link protocol {protocol},          which cannot carry DDL (version {DDL_PROTOCOL_VERSION} can); upgrade pgmm on the peer"
+    )]
+    DdlUnsupported { protocol: u16 },
 }
 
 impl ShipError {
     /// The metric label: where it broke.
     pub fn stage(&self) -> &'static str {
         match self {
-            ShipError::Link(_) | ShipError::Frame(_) | ShipError::LinkClosed => "link",
+            ShipError::Link(_)
+            | ShipError::Frame(_)
+            | ShipError::LinkClosed
+            | ShipError::DdlUnsupported { .. } => "link",
             ShipError::Slot(_) | ShipError::StreamEnded => "slot",
             ShipError::Decode(_) | ShipError::Assemble(_) => "decode",
             ShipError::Fill(_) | ShipError::FillConnect(_) => "fill",
@@ -89,6 +98,7 @@ impl ShipError {
             ShipError::Link(e) => e.sqlstate().into(),
             ShipError::Frame(e) => e.sqlstate().into(),
             ShipError::LinkClosed | ShipError::StreamEnded => "08006".into(),
+            ShipError::DdlUnsupported { .. } => "0A000".into(),
             ShipError::Slot(e) => e.sqlstate().into(),
             ShipError::Decode(e) => e.sqlstate().into(),
             ShipError::Assemble(e) => e.sqlstate().into(),
@@ -334,6 +344,7 @@ impl Shipper {
                                             if open.skip {
                                                 break 'message;
                                             }
+                                            check_ddl(protocol, &changes)?;
                                             self.fill(&mut filler, &mut changes).await?;
                                             let n = changes.len() as u64;
                                             open.changes += n;
@@ -353,7 +364,9 @@ impl Shipper {
                                             state.skipped(tx.end_lsn);
                                             break 'message;
                                         }
+                                        warn_enclosed_ddl(&tx);
                                         let mut changes = tx.changes;
+                                        check_ddl(protocol, &changes)?;
                                         self.fill(&mut filler, &mut changes).await?;
                                         let n = changes.len() as u64;
                                         self.count_captured(tx.end_lsn, open.changes + n);
@@ -374,6 +387,8 @@ impl Shipper {
                                         state.skipped(tx.end_lsn);
                                         break 'message;
                                     }
+                                    warn_enclosed_ddl(&tx);
+                                    check_ddl(protocol, &tx.changes)?;
                                     let mut tx = tx;
                                     self.fill(&mut filler, &mut tx.changes).await?;
                                     let n = tx.changes.len() as u64;
@@ -616,6 +631,30 @@ fn server_major(version: Option<&str>) -> u32 {
                 .and_then(|d| d.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A peer older than [`DDL_PROTOCOL_VERSION`] cannot decode a schema change: the transaction
+/// is not sent (the link is dropped and retried with backoff, and the error says to upgrade),
+/// since skipping it would leave that peer's schema behind for good.
+fn check_ddl(protocol: u16, changes: &ChangeSet) -> Result<(), ShipError> {
+    if protocol < DDL_PROTOCOL_VERSION
+        && changes
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Ddl { .. }))
+    {
+        return Err(ShipError::DdlUnsupported { protocol });
+    }
+    Ok(())
+}
+
+fn warn_enclosed_ddl(tx: &CapturedTx) {
+    if tx.enclosed_ddl_with_rows {
+        tracing::warn!(
+            commit_lsn = %format_lsn(tx.commit_lsn),
+            "DDL ran inside a DO block or function in a transaction that also changed rows:              peers replay that statement whole, so rows it wrote are written there twice; run              schema changes and data changes as separate statements"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -320,6 +320,20 @@ pub async fn sync_publication(
     tables: &[EnrolledTable],
 ) -> Result<PublicationChange, EnrolError> {
     let tx = client.transaction().await?;
+    let change = sync_publication_in(&tx, tables).await?;
+    tx.commit().await?;
+    if !change.is_empty() {
+        tracing::info!(%change, "publication {PUBLICATION} updated");
+    }
+    Ok(change)
+}
+
+/// [`sync_publication`] inside the caller's open transaction (apply, right after a schema
+/// change, so that the publication changes with it).
+pub async fn sync_publication_in(
+    tx: &impl GenericClient,
+    tables: &[EnrolledTable],
+) -> Result<PublicationChange, EnrolError> {
     tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({LOCK_KEY})"))
         .await?;
     let wanted: Vec<u32> = tables
@@ -383,10 +397,6 @@ pub async fn sync_publication(
             }
         }
     };
-    tx.commit().await?;
-    if !change.is_empty() {
-        tracing::info!(%change, "publication {PUBLICATION} updated");
-    }
     Ok(change)
 }
 

@@ -30,6 +30,7 @@
 //! left it, so a batch can never commit past a gap. The commit is synchronous when the
 //! receiver is about to ack (a WAL flush makes it and everything before it durable).
 
+mod ddl;
 mod receiver;
 pub mod sql;
 mod stream;
@@ -101,6 +102,17 @@ pub enum ApplyError {
     },
     #[error("apply: malformed change set: {0}")]
     Malformed(String),
+    /// A schema change from the origin failed here (a table it alters is missing, the role it
+    /// ran as does not exist here, the schema diverged).
+    #[error("apply: the schema change `{statement}` failed: {}", pg_error_text(.source))]
+    Ddl {
+        statement: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// This node's enrolment after a schema change failed.
+    #[error("apply: enrolling the tables after a schema change failed: {0}")]
+    Enrol(String),
 }
 
 impl ApplyError {
@@ -111,7 +123,10 @@ impl ApplyError {
             ApplyError::Connect(_) => "08006".into(),
             ApplyError::OriginBusy { .. } => "55006".into(),
             ApplyError::NotReplicated { .. } => "55000".into(),
-            ApplyError::Statement { source, .. } | ApplyError::Database { source, .. } => source
+            ApplyError::Enrol(_) => "55000".into(),
+            ApplyError::Statement { source, .. }
+            | ApplyError::Database { source, .. }
+            | ApplyError::Ddl { source, .. } => source
                 .code()
                 .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
             ApplyError::Malformed(_) => "08P01".into(),
@@ -519,7 +534,12 @@ impl Applier {
         if fresh.is_empty() {
             return Ok(applied);
         }
-        match self.pipeline(&fresh, sync, &mut applied).await {
+        let result = if fresh.iter().any(|tx| has_ddl(&tx.changes)) {
+            self.apply_runs(&fresh, sync, &mut applied).await
+        } else {
+            self.pipeline(&fresh, sync, &mut applied).await
+        };
+        match result {
             Ok(()) => Ok(applied),
             Err(error) => {
                 self.reset().await;
@@ -528,21 +548,69 @@ impl Applier {
         }
     }
 
+    /// A batch with schema changes: each transaction that has one is applied by itself, cut at
+    /// its schema changes (`ddl.rs`); the runs of transactions between them as batches.
+    async fn apply_runs(
+        &mut self,
+        fresh: &[&RemoteTx],
+        sync: bool,
+        applied: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        let mut rest = fresh;
+        while let Some((first, after)) = rest.split_first() {
+            if has_ddl(&first.changes) {
+                rest = after;
+                // Not a duplicate (`fresh` ends past the progress): opened at the progress.
+                self.stream_begin(self.progress, first.commit_time);
+                let outcome = match self.chunk(&first.changes).await {
+                    Ok(()) => {
+                        self.commit_stream(
+                            first.end_lsn,
+                            &ChangeSet::default(),
+                            sync && rest.is_empty(),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                }?;
+                applied.transactions += outcome.transactions;
+                applied.changes += outcome.changes;
+                applied.conflicts += outcome.conflicts;
+                applied.path = outcome.path;
+            } else {
+                let n = rest
+                    .iter()
+                    .position(|tx| has_ddl(&tx.changes))
+                    .unwrap_or(rest.len());
+                let (run, after) = rest.split_at(n);
+                rest = after;
+                self.pipeline(run, sync && rest.is_empty(), applied).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// After a failure: a transaction may be open and aborted, and the statements may no longer
     /// fit a table whose definition changed. Starts both over, and takes the progress from the
     /// database, which knows exactly what committed.
     async fn reset(&mut self) {
         let _ = self.client.batch_execute("ROLLBACK").await;
         self.stream = None;
+        self.forget_tables();
+        if let Ok(p) = read_progress(&self.client, &self.origin_node).await {
+            self.progress = p;
+        }
+    }
+
+    /// Drops what was read or prepared about the local tables, which may describe them as
+    /// they were before a schema change.
+    fn forget_tables(&mut self) {
         self.statements.clear();
         self.known.clear();
         self.texts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
-        if let Ok(p) = read_progress(&self.client, &self.origin_node).await {
-            self.progress = p;
-        }
     }
 
     async fn pipeline(
@@ -1155,7 +1223,7 @@ impl Planner<'_> {
                 rows
             }
             Change::Delete { key, .. } => vec![row_hash(quoted, key.iter())],
-            Change::Truncate { .. } => Vec::new(),
+            Change::Truncate { .. } | Change::Ddl { .. } => Vec::new(),
         };
         Ok(Planned {
             slow,
@@ -1325,6 +1393,10 @@ impl Planner<'_> {
                 });
                 Ok((text, fast, params, step))
             }
+            // Schema changes are cut out of the batch before planning (`chunk_with_ddl`).
+            Change::Ddl { .. } => Err(ApplyError::Malformed(
+                "a schema change reached the row planner".into(),
+            )),
             Change::Truncate {
                 tables: which,
                 cascade,
@@ -1459,6 +1531,10 @@ fn check_width(desc: &TableDesc, got: usize) -> Result<(), ApplyError> {
 }
 
 /// The table a change is reported under (a TRUNCATE's first); checked by [`plan`] first.
+fn has_ddl(set: &ChangeSet) -> bool {
+    set.changes.iter().any(|c| matches!(c, Change::Ddl { .. }))
+}
+
 fn first_table(change: &Change) -> usize {
     change.tables().next().unwrap_or(0) as usize
 }

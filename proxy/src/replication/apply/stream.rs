@@ -25,9 +25,9 @@ pub(super) struct Stream {
     /// The progress record when the transaction began: where its commit moves it from.
     start: Lsn,
     /// Already applied here (its commit LSN is below the progress): its chunks are skipped.
-    duplicate: bool,
+    pub(super) duplicate: bool,
     /// Whether BEGIN has been sent.
-    begun: bool,
+    pub(super) begun: bool,
     changes: usize,
     /// Whether every chunk went by the fast path.
     all_fast: bool,
@@ -87,7 +87,7 @@ impl Applier {
         result
     }
 
-    async fn commit_stream(
+    pub(super) async fn commit_stream(
         &mut self,
         end_lsn: Lsn,
         changes: &ChangeSet,
@@ -129,7 +129,16 @@ impl Applier {
         Ok(applied)
     }
 
-    async fn chunk(&mut self, changes: &ChangeSet) -> Result<(), ApplyError> {
+    pub(super) async fn chunk(&mut self, changes: &ChangeSet) -> Result<(), ApplyError> {
+        if super::has_ddl(changes) {
+            self.chunk_with_ddl(changes).await
+        } else {
+            self.chunk_rows(changes).await
+        }
+    }
+
+    /// Applies a chunk of row changes (no schema change among them).
+    pub(super) async fn chunk_rows(&mut self, changes: &ChangeSet) -> Result<(), ApplyError> {
         let Some(stream) = &self.stream else {
             return Err(ApplyError::Malformed("TxChunk without a TxBegin".into()));
         };

@@ -40,10 +40,13 @@ use super::PeerIdentity;
 ///
 /// 1: one `Transaction` frame per transaction (at most 64 MiB). 2: a transaction larger than
 /// `[replication] chunk_bytes` travels as `TxBegin`, `TxChunk`s, `TxCommit`, a value larger
-/// than a frame as `TxValue` pieces.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// than a frame as `TxValue` pieces. 3: a change set may hold schema changes (`Change::Ddl`).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first version with chunked transactions.
 pub const CHUNKED_PROTOCOL_VERSION: u16 = 2;
+/// The first version whose change sets may carry schema changes; an older peer cannot decode
+/// them, so a transaction with DDL waits (the shipper reports it) until that peer is upgraded.
+pub const DDL_PROTOCOL_VERSION: u16 = 3;
 /// Oldest peer protocol version this build still speaks. A link with a node of the previous
 /// release settles on 1, where transactions travel whole as they did (so a rolling upgrade keeps
 /// replicating; only transactions over the 64 MiB frame limit wait for both ends to speak 2).

@@ -47,7 +47,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use backoff::{Backoff, BACKOFF_BASE};
 pub use frame::{Body, FrameError, Welcome, HANDSHAKE_MAX_FRAME_BYTES, MAX_FRAME_BYTES};
-pub use handshake::{HandshakeError, ResumeSource, CHUNKED_PROTOCOL_VERSION, PROTOCOL_VERSION};
+pub use handshake::{
+    HandshakeError, ResumeSource, CHUNKED_PROTOCOL_VERSION, DDL_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
 
 use crate::config::Config;

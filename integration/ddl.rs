@@ -1,0 +1,183 @@
+//! Schema changes replicate: DDL through any front door, or straight to a node's Postgres (a
+//! migration tool), reaches every node in its place among the data changes, exactly once,
+//! with no conflict logged; tables it creates are enrolled everywhere.
+
+use crate::harness;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use harness::{ClusterOptions, TestCluster};
+
+fn assert_no_apply_errors(c: &TestCluster) {
+    for i in 0..c.len() {
+        for j in (0..c.len()).filter(|&j| j != i) {
+            let series = format!("pgmm_apply_errors_total{{peer=\"{}\"}}", c.name(j));
+            assert_eq!(
+                c.metric(i, &series).unwrap_or(0.0),
+                0.0,
+                "{series} on node {:?}",
+                c.name(i)
+            );
+        }
+    }
+}
+
+const COUNT_USERS: &str = "SELECT count(*) FROM public.users";
+
+#[test]
+fn ddl_through_any_node_reaches_every_node_in_order_with_the_data() {
+    let c = TestCluster::start(3, ClusterOptions::default());
+    let b = c.front_door(1);
+    // Created through b, with rows in the same transaction: they follow the table everywhere.
+    b.execute(
+        "BEGIN; \
+         CREATE TABLE users (id int PRIMARY KEY, email text, \
+                             updated_at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO users (id, email) SELECT g, 'u' || g || '@x' FROM generate_series(1, 10) g; \
+         COMMIT",
+    )
+    .unwrap();
+    c.wait_enrolled("users");
+    c.wait_all("the rows written with the table", COUNT_USERS, "10");
+
+    // Writes on a and b go on while c adds a column with a default.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|i| {
+            let db = c.front_door(i);
+            let stop = stop.clone();
+            let written = written.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) || n < 20 {
+                    let id = 1000 * (i as i32 + 1) + n;
+                    db.execute(&format!(
+                        "INSERT INTO users (id, email) VALUES ({id}, 'w{id}@x')"
+                    ))
+                    .unwrap();
+                    written.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+                n as usize
+            })
+        })
+        .collect();
+    let c_db = c.front_door(2);
+    harness::wait_for(
+        "writers under way",
+        std::time::Duration::from_secs(60),
+        || {
+            (written.load(Ordering::Relaxed) >= 10)
+                .then_some(())
+                .ok_or_else(|| "fewer than 10 rows written".to_owned())
+        },
+    );
+    c_db.execute("ALTER TABLE users ADD COLUMN phone text NOT NULL DEFAULT 'none'")
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let total: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    c.wait_all(
+        "every row written around the ALTER",
+        COUNT_USERS,
+        &(10 + total).to_string(),
+    );
+    c.wait_all(
+        "the new column with its default everywhere",
+        "SELECT count(*) FROM users WHERE phone = 'none'",
+        &(10 + total).to_string(),
+    );
+
+    // A rename through a, then rows written with the new name through c.
+    c.front_door(0)
+        .execute("ALTER TABLE users RENAME COLUMN email TO mail")
+        .unwrap();
+    c.wait_all(
+        "the renamed column",
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'users' AND column_name = 'mail'",
+        "1",
+    );
+    c_db.execute("UPDATE users SET mail = 'new@x', phone = '555' WHERE id = 1")
+        .unwrap();
+    c.wait_all(
+        "an update by the new name",
+        "SELECT mail || ' ' || phone FROM users WHERE id = 1",
+        "new@x 555",
+    );
+    c.wait_converged("users", 10 + total);
+
+    // Dropped through b: gone everywhere, and out of every publication.
+    b.execute("DROP TABLE users").unwrap();
+    c.wait_all(
+        "users dropped everywhere",
+        "SELECT count(*) FROM pg_class WHERE relname = 'users'",
+        "0",
+    );
+    c.assert_no_conflicts();
+    assert_no_apply_errors(&c);
+}
+
+#[test]
+fn ddl_sent_straight_to_postgres_replicates_once_with_its_own_statements() {
+    let c = TestCluster::start(2, ClusterOptions::default());
+    // A migration tool on a direct connection, several statements in one simple Query, and a
+    // DO block: each schema change once, each row once (by its row change, not the text).
+    c.exec(
+        0,
+        "CREATE TABLE m (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO m (id, v) VALUES (1, 'one'), (2, 'two'); \
+         CREATE INDEX m_v ON m (v); \
+         DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'mood') THEN \
+             CREATE TYPE mood AS ENUM ('ok', 'meh'); END IF; END $$; \
+         COMMENT ON TABLE m IS 'made by a migration; it replicates'",
+    );
+    c.wait_all(
+        "the index, the type and the comment on b",
+        "SELECT (SELECT count(*) FROM pg_indexes WHERE indexname = 'm_v') || ' ' || \
+                (SELECT count(*) FROM pg_type WHERE typname = 'mood') || ' ' || \
+                coalesce(obj_description('public.m'::regclass, 'pg_class'), '-')",
+        "1 1 made by a migration; it replicates",
+    );
+    c.wait_converged("m", 2);
+    // CONCURRENTLY, which cannot run in the apply transaction, is applied without it.
+    c.exec(0, "CREATE INDEX CONCURRENTLY m_id_v ON m (id, v)");
+    c.wait_all(
+        "the concurrently built index on b",
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'm_id_v'",
+        "1",
+    );
+    // The way schema changes were rolled out before: the same DDL on every node. Each node's
+    // copy reaches the other, which already has it and skips it.
+    let b_session = c.db(1);
+    b_session
+        .execute("BEGIN; ALTER TABLE m ADD COLUMN note text")
+        .unwrap();
+    c.exec(0, "ALTER TABLE m ADD COLUMN note text");
+    b_session.execute("COMMIT").unwrap();
+    c.exec(
+        1,
+        "INSERT INTO m (id, v, note) VALUES (3, 'three', 'from b')",
+    );
+    c.wait_converged("m", 3);
+    // Temporary objects and pgmm's own schema stay local.
+    c.exec(0, "CREATE TEMP TABLE scratch (x int)");
+    c.exec(
+        0,
+        "CREATE TABLE mark (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now())",
+    );
+    c.wait_all(
+        "the table created after the temporary one",
+        "SELECT count(*) FROM pg_class WHERE relname = 'mark'",
+        "1",
+    );
+    assert_eq!(
+        c.scalar(1, "SELECT count(*) FROM pg_class WHERE relname = 'scratch'"),
+        "0"
+    );
+    c.assert_no_conflicts();
+    assert_no_apply_errors(&c);
+}
