@@ -202,7 +202,7 @@ def expect_rules(rules, *pairs):
 METRICS = ["pgmm_replication_lag_seconds", "pgmm_replication_lag_bytes", "pgmm_changes_captured_total",
            "pgmm_changes_shipped_total", "pgmm_changes_applied_total", "pgmm_conflicts_total",
            "pgmm_ownership_rejections_total", "pgmm_peer_up", "pgmm_slot_retained_wal_bytes",
-           "pgmm_slot_invalidated",
+           "pgmm_slot_invalidated", "pgmm_apply_stalled",
            "pgmm_client_connections"]
 
 

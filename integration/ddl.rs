@@ -181,3 +181,103 @@ fn ddl_sent_straight_to_postgres_replicates_once_with_its_own_statements() {
     c.assert_no_conflicts();
     assert_no_apply_errors(&c);
 }
+
+/// `/status` of node `i`: the `apply_stalled` entry of peer `peer`, `Null` when it applies.
+fn stall_of(c: &TestCluster, i: usize, peer: &str) -> serde_json::Value {
+    let status: serde_json::Value = serde_json::from_str(&c.pgmm(i).status()).unwrap();
+    status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == peer)
+        .map(|p| p["apply_stalled"].clone())
+        .unwrap()
+}
+
+#[test]
+fn a_change_that_cannot_apply_waits_visibly_backs_off_and_applies_after_the_fix() {
+    let c = TestCluster::start(3, ClusterOptions::default());
+    let columns = "id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now()";
+    let a = c.front_door(0);
+    a.execute(&format!(
+        "CREATE TABLE s ({columns}); CREATE TABLE other ({columns})"
+    ))
+    .unwrap();
+    c.wait_enrolled("s");
+    c.wait_enrolled("other");
+    // Behind pgmm's back on b (replica role: no event trigger, nothing replicated).
+    c.exec(
+        1,
+        "SET session_replication_role = replica; DROP TABLE s; RESET session_replication_role",
+    );
+    a.execute("INSERT INTO s (id, v) VALUES (1, 'x'); INSERT INTO other (id, v) VALUES (1, 'y')")
+        .unwrap();
+
+    // b reports it: the metric names the peer and the table, /status the error.
+    c.wait_metric(
+        1,
+        "pgmm_apply_stalled{peer=\"a\",table=\"public.s\"}",
+        "== 1",
+        |v| v == Some(1.0),
+    );
+    // Retried with backoff (1 s, 2 s, ...), not as fast as the link reconnects: by the third
+    // attempt at least 3 s have passed.
+    let stall = harness::wait_for(
+        "a third attempt",
+        std::time::Duration::from_secs(60),
+        || {
+            let stall = stall_of(&c, 1, "a");
+            if stall["attempts"].as_u64().unwrap_or(0) >= 3 {
+                Ok(stall)
+            } else {
+                Err(stall.to_string())
+            }
+        },
+    );
+    assert_eq!(stall["table"], "public.s", "{stall}");
+    assert_eq!(stall["sqlstate"], "42P01", "{stall}");
+    assert!(stall["seconds"].as_f64().unwrap() >= 2.9, "{stall}");
+    let errors = c
+        .metric(1, "pgmm_apply_errors_total{peer=\"a\"}")
+        .unwrap_or(0.0);
+    assert!(errors <= 4.0, "{errors} apply errors by the third attempt");
+    // Only what must stop stops: c has a's changes, and c's changes still reach b.
+    c.wait_nodes("a's rows on c", &[0, 2], "SELECT count(*) FROM s", "1");
+    c.front_door(2)
+        .execute("INSERT INTO other (id, v) VALUES (2, 'from c')")
+        .unwrap();
+    c.wait_all(
+        "c's row everywhere, b included",
+        "SELECT count(*) FROM other WHERE id = 2",
+        "1",
+    );
+    assert!(
+        c.pgmm(1)
+            .log()
+            .contains("the table is missing here: create it"),
+        "b's log says what to do"
+    );
+
+    // The fix, on b: the table as it is on a. Everything waiting applies, nothing was lost.
+    c.exec(
+        1,
+        &format!(
+            "SET session_replication_role = replica; CREATE TABLE s ({columns}); \
+             RESET session_replication_role"
+        ),
+    );
+    c.wait_converged("s", 1);
+    c.wait_converged("other", 2);
+    c.wait_metric(
+        1,
+        "pgmm_apply_stalled{peer=\"a\",table=\"\"}",
+        "== 0",
+        |v| v == Some(0.0),
+    );
+    assert_eq!(
+        c.metric(1, "pgmm_apply_stalled{peer=\"a\",table=\"public.s\"}"),
+        None
+    );
+    assert!(stall_of(&c, 1, "a").is_null());
+    c.assert_no_conflicts();
+}

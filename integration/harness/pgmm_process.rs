@@ -384,6 +384,15 @@ impl Pgmm {
         }
     }
 
+    /// The body of `GET /status` (JSON); panics if the endpoint does not answer 200.
+    pub fn status(&self) -> String {
+        match http_get(self.metrics_port, "/status") {
+            Some((200, body)) => body,
+            Some((code, body)) => panic!("GET /status answered {code}:\n{body}"),
+            None => panic!("GET /status on 127.0.0.1:{} failed", self.metrics_port),
+        }
+    }
+
     /// The value of one series, e.g. `pgmm_client_queries_total{kind="write"}` (label order does not
     /// matter; a series without labels is named bare). `None` when the series is absent.
     pub fn metric_value(&self, series: &str) -> Option<f64> {

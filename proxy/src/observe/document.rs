@@ -6,7 +6,9 @@
 //! all metrics (a per-hour count is not a Prometheus counter), and one typed document shared by
 //! the server and the command cannot drift the way two parsers of a text format can.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntGaugeVec};
@@ -42,6 +44,93 @@ pub struct PeerStatus {
     /// never works again: the operator must drop and recreate it and re-synchronise the peer.
     #[serde(default)]
     pub slot_invalidated: Option<String>,
+    /// The peer's changes cannot be applied here (a table or column missing, a type that does
+    /// not fit, a schema change that failed): everything from that peer waits behind the
+    /// change, retried with backoff, until the operator fixes it. `None` while it applies.
+    #[serde(default)]
+    pub apply_stalled: Option<ApplyStall>,
+}
+
+/// A peer whose changes wait behind one that fails to apply here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyStall {
+    /// The table of the failing change (`schema.name`), or `(schema change)`, or empty when
+    /// the failure is not about one table.
+    pub table: String,
+    pub sqlstate: String,
+    pub error: String,
+    /// Seconds since the first failure of this stall.
+    pub seconds: f64,
+    /// Failed attempts so far.
+    pub attempts: u64,
+}
+
+/// The apply side's stalls by origin peer: written by the receiver, read by `/status` (the
+/// error text is not a metric label, hence a shared map rather than a gauge).
+#[derive(Clone, Default)]
+pub struct ApplyStalls(Arc<Mutex<HashMap<String, Stalled>>>);
+
+struct Stalled {
+    table: String,
+    sqlstate: String,
+    error: String,
+    since: Instant,
+    attempts: u64,
+}
+
+impl ApplyStalls {
+    /// Records a failed attempt at `peer`'s changes; true when it is news (the first failure,
+    /// or another error than the last), which the caller logs in full.
+    pub fn failed(&self, peer: &str, table: &str, sqlstate: &str, error: &str) -> bool {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get_mut(peer) {
+            Some(s) if s.table == table && s.sqlstate == sqlstate && s.error == error => {
+                s.attempts += 1;
+                false
+            }
+            _ => {
+                let since = map.get(peer).map_or_else(Instant::now, |s| s.since);
+                let attempts = map.get(peer).map_or(0, |s| s.attempts) + 1;
+                map.insert(
+                    peer.to_owned(),
+                    Stalled {
+                        table: table.to_owned(),
+                        sqlstate: sqlstate.to_owned(),
+                        error: error.to_owned(),
+                        since,
+                        attempts,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// `peer`'s changes apply again: how long they were stalled, if they were.
+    pub fn resumed(&self, peer: &str) -> Option<(std::time::Duration, u64)> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.remove(peer).map(|s| (s.since.elapsed(), s.attempts))
+    }
+
+    pub fn get(&self, peer: &str) -> Option<ApplyStall> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(peer).map(|s| ApplyStall {
+            table: s.table.clone(),
+            sqlstate: s.sqlstate.clone(),
+            error: s.error.clone(),
+            seconds: s.since.elapsed().as_secs_f64(),
+            attempts: s.attempts,
+        })
+    }
 }
 
 /// The replication gauges `/status` and `/readyz` read, as handles to the series themselves:
@@ -56,6 +145,7 @@ pub struct PeerGauges {
     /// `pgmm_slot_invalidated{peer,reason}`: one series per peer, 1 with the reason while the
     /// slot is invalidated.
     pub slot_invalidated: IntGaugeVec,
+    pub stalls: ApplyStalls,
 }
 
 /// Where the replication side puts its [`PeerGauges`] once they exist; empty while the node
@@ -101,6 +191,7 @@ impl NodeStatus {
                     slot_retained_wal_bytes: gauges
                         .map(|g| g.slot_retained_wal_bytes.with_label_values(&peer).get()),
                     slot_invalidated: gauges.and_then(|g| g.invalidated(&p.name)),
+                    apply_stalled: gauges.and_then(|g| g.stalls.get(&p.name)),
                 }
             })
             .collect();

@@ -3,7 +3,7 @@
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::observe::document::PeerGauges;
+use crate::observe::document::{ApplyStalls, PeerGauges};
 use crate::observe::{label, MetricsError};
 
 /// The failures apply rolls back and runs again in the same session: a local write raced with
@@ -33,6 +33,11 @@ pub struct ReplicationMetrics {
     /// One series per peer: `reason=""` at 0 while the slot is usable, else the reason at 1;
     /// set it with [`ReplicationMetrics::set_slot_invalidated`].
     slot_invalidated: IntGaugeVec,
+    /// One series per peer: `table=""` at 0 while its changes apply, else the failing change's
+    /// table at 1; set it with [`ReplicationMetrics::set_apply_stalled`].
+    apply_stalled: IntGaugeVec,
+    /// What `/status` shows of each stall.
+    pub stalls: ApplyStalls,
     pub enrolled_tables: IntGauge,
     pub enrolment_errors: IntCounter,
     pub peer_clock_skew: GaugeVec,
@@ -139,6 +144,17 @@ impl ReplicationMetrics {
                 ),
                 &["peer", "reason"],
             )?,
+            apply_stalled: IntGaugeVec::new(
+                Opts::new(
+                    "pgmm_apply_stalled",
+                    "1 while a peer's changes cannot be applied here (a missing table or column, \
+                     a type that does not fit, a failed schema change): they wait, retried with \
+                     backoff, until the schema is fixed; the table label names the failing \
+                     change's table, pgmm status and the log say why.",
+                ),
+                &["peer", "table"],
+            )?,
+            stalls: ApplyStalls::default(),
             enrolled_tables: IntGauge::new(
                 "pgmm_enrolled_tables",
                 "Tables in publication pgmm, i.e. replicated from this node.",
@@ -177,6 +193,7 @@ impl ReplicationMetrics {
         registry.register(Box::new(m.peer_up.clone()))?;
         registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
         registry.register(Box::new(m.slot_invalidated.clone()))?;
+        registry.register(Box::new(m.apply_stalled.clone()))?;
         registry.register(Box::new(m.enrolled_tables.clone()))?;
         registry.register(Box::new(m.enrolment_errors.clone()))?;
         registry.register(Box::new(m.peer_clock_skew.clone()))?;
@@ -199,6 +216,7 @@ impl ReplicationMetrics {
             m.peer_up.with_label_values(&l);
             m.slot_retained_wal_bytes.with_label_values(&l);
             m.slot_invalidated.with_label_values(&[peer.as_str(), ""]);
+            m.apply_stalled.with_label_values(&[peer.as_str(), ""]);
             m.peer_clock_skew.with_label_values(&l);
         }
         Ok(m)
@@ -214,27 +232,38 @@ impl ReplicationMetrics {
             lag_bytes: self.lag_bytes.clone(),
             slot_retained_wal_bytes: self.slot_retained_wal_bytes.clone(),
             slot_invalidated: self.slot_invalidated.clone(),
+            stalls: self.stalls.clone(),
         }
     }
 
-    /// `pgmm_slot_invalidated` of `peer`: `Some(reason)` while its slot is invalidated. The
-    /// peer keeps exactly one series, so that a reason that changes does not leave a stale 1.
+    /// `pgmm_slot_invalidated` of `peer`: `Some(reason)` while its slot is invalidated.
     pub fn set_slot_invalidated(&self, peer: &str, reason: Option<&str>) {
-        let reason_label = reason.unwrap_or("");
-        for family in self.slot_invalidated.collect() {
-            for metric in family.get_metric() {
-                if label(metric, "peer").as_deref() == Some(peer) {
-                    let other = label(metric, "reason").unwrap_or_default();
-                    if other != reason_label {
-                        let _ = self.slot_invalidated.remove_label_values(&[peer, &other]);
-                    }
+        set_one_series(&self.slot_invalidated, peer, "reason", reason);
+    }
+
+    /// `pgmm_apply_stalled` of `peer`: `Some(table)` while its changes cannot be applied.
+    pub fn set_apply_stalled(&self, peer: &str, table: Option<&str>) {
+        set_one_series(&self.apply_stalled, peer, "table", table);
+    }
+}
+
+/// Sets `gauge{peer, <what>}` to 1 with `value`, or to 0 with `""`, keeping exactly one series
+/// for the peer, so that a value that changes does not leave a stale 1.
+fn set_one_series(gauge: &IntGaugeVec, peer: &str, what: &str, value: Option<&str>) {
+    let wanted = value.unwrap_or("");
+    for family in gauge.collect() {
+        for metric in family.get_metric() {
+            if label(metric, "peer").as_deref() == Some(peer) {
+                let other = label(metric, what).unwrap_or_default();
+                if other != wanted {
+                    let _ = gauge.remove_label_values(&[peer, &other]);
                 }
             }
         }
-        self.slot_invalidated
-            .with_label_values(&[peer, reason_label])
-            .set(i64::from(reason.is_some()));
     }
+    gauge
+        .with_label_values(&[peer, wanted])
+        .set(i64::from(value.is_some()));
 }
 
 #[cfg(test)]

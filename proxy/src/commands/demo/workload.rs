@@ -289,6 +289,7 @@ mod tests {
             lag_bytes: Some(bytes),
             slot_retained_wal_bytes: Some(0),
             slot_invalidated: None,
+            apply_stalled: None,
         }
     }
 

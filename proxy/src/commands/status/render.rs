@@ -62,6 +62,25 @@ pub(crate) fn table(report: &Report) -> String {
             out.push('\n');
         }
         for p in &report.peers {
+            if let Some(stall) = &p.apply_stalled {
+                let table = if stall.table.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at {}", stall.table)
+                };
+                let _ = write!(
+                    out,
+                    "\nAPPLY STALLED: changes from peer {peer} wait here{table} for {secs:.0} s \
+                     ({attempts} attempts, retried with backoff; nothing is skipped): {error} \
+                     ({sqlstate}). Fix this node's schema (the log says how) and they apply by \
+                     themselves.\n",
+                    peer = p.name,
+                    secs = stall.seconds,
+                    attempts = stall.attempts,
+                    error = stall.error,
+                    sqlstate = stall.sqlstate,
+                );
+            }
             if let Some(reason) = &p.slot_invalidated {
                 let _ = write!(
                     out,

@@ -19,6 +19,7 @@ fn report() -> Report {
                 lag_bytes: Some(0),
                 slot_retained_wal_bytes: Some(24 * 1024),
                 slot_invalidated: None,
+                apply_stalled: None,
             },
             PeerStatus {
                 name: "charlie".into(),
@@ -28,6 +29,7 @@ fn report() -> Report {
                 lag_bytes: None,
                 slot_retained_wal_bytes: None,
                 slot_invalidated: None,
+                apply_stalled: None,
             },
         ],
         conflicts_last_hour: Some(Conflicts {
@@ -100,6 +102,33 @@ fn an_invalidated_slot_is_shown_lost_with_what_to_do() {
     let old = json.replace(",\"slot_invalidated\":null", "");
     let old = old.replace(",\"slot_invalidated\":\"wal_removed\"", "");
     assert!(!old.contains("slot_invalidated"), "{old}");
+    assert!(serde_json::from_str::<Report>(&old).is_ok());
+}
+
+#[test]
+fn a_stalled_apply_is_shown_with_its_table_error_and_fix() {
+    let mut r = report();
+    r.peers[0].apply_stalled = Some(crate::observe::document::ApplyStall {
+        table: "public.users".into(),
+        sqlstate: "42P01".into(),
+        error: "apply: INSERT on public.users failed: relation does not exist".into(),
+        seconds: 42.4,
+        attempts: 6,
+    });
+    let text = table(&r);
+    assert!(
+        text.contains(
+            "APPLY STALLED: changes from peer b wait here at public.users for 42 s (6 attempts, \
+             retried with backoff; nothing is skipped): apply: INSERT on public.users failed: \
+             relation does not exist (42P01)."
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("from peer charlie"), "{text}");
+    // A document from a pgmm that predates the field still reads.
+    let json = serde_json::to_string(&report()).unwrap();
+    let old = json.replace(",\"apply_stalled\":null", "");
+    assert!(!old.contains("apply_stalled"), "{old}");
     assert!(serde_json::from_str::<Report>(&old).is_ok());
 }
 

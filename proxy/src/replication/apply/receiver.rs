@@ -103,7 +103,15 @@ impl ResumeSource for OriginProgress {
 struct OriginSlot {
     applier: tokio::sync::Mutex<Option<Applier>>,
     current: Mutex<CancellationToken>,
+    /// The pause before the next attempt after a failure, across links (see `stalled`).
+    backoff: Mutex<Duration>,
 }
+
+/// The first pause after a failed apply, doubled after each further failure up to
+/// [`STALL_BACKOFF_MAX`]: a change that cannot be applied (a table missing here) is retried
+/// without spinning, and applied within that long of the operator's fix.
+const STALL_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const STALL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Everything the accepting side needs; shared by all links.
 pub struct Receiver {
@@ -211,6 +219,7 @@ impl Receiver {
                 Arc::new(OriginSlot {
                     applier: tokio::sync::Mutex::new(None),
                     current: Mutex::new(CancellationToken::new()),
+                    backoff: Mutex::new(Duration::ZERO),
                 })
             })
             .clone()
@@ -313,7 +322,7 @@ impl Receiver {
                     Ok(a) => *applier = Some(a),
                     Err(e) => {
                         apply_errors.inc();
-                        tracing::error!(peer = %node, sqlstate = %e.sqlstate(), error = %e, "cannot apply: dropping the link (the peer will resend)");
+                        self.stalled(&node, &slot, &e, &token).await;
                         break;
                     }
                 }
@@ -371,6 +380,9 @@ impl Receiver {
                 }
             };
             if let Some((outcome, _)) = &outcome {
+                if error.is_none() {
+                    self.resumed(&node, &slot);
+                }
                 applied_changes.inc_by(outcome.changes as u64);
                 match outcome.path {
                     Some(Path::Fast) => fast_batches.inc(),
@@ -381,13 +393,7 @@ impl Receiver {
             }
             if let Some(e) = error {
                 apply_errors.inc();
-                tracing::error!(
-                    peer = %node,
-                    sqlstate = %e.sqlstate(),
-                    error = %e,
-                    "a transaction from the peer failed to apply and was rolled back: \
-                     dropping the link; the peer resends it after reconnecting"
-                );
+                self.stalled(&node, &slot, &e, &token).await;
                 break;
             }
             let Some((outcome, sync)) = outcome else {
@@ -417,6 +423,58 @@ impl Receiver {
             *applier = None;
         }
         tracing::info!(peer = %node, "inbound peer link closed");
+    }
+
+    /// A failed attempt at `node`'s changes: rolled back, recorded as a stall
+    /// (`pgmm_apply_stalled`, `/status`, `pgmm status`), logged in full when it is news, and
+    /// followed by a pause that doubles with each failure before the link is dropped and the
+    /// peer resends. Everything from that peer waits behind the failing change, since
+    /// transactions apply in commit order; the other peers' changes go on.
+    async fn stalled(
+        &self,
+        node: &str,
+        slot: &OriginSlot,
+        e: &ApplyError,
+        token: &CancellationToken,
+    ) {
+        let table = stall_table(e);
+        let sqlstate = e.sqlstate();
+        let pause = {
+            let mut backoff = slot.backoff.lock().expect("backoff lock");
+            *backoff = (*backoff * 2).clamp(STALL_BACKOFF_MIN, STALL_BACKOFF_MAX);
+            *backoff
+        };
+        self.metrics.set_apply_stalled(node, Some(&table));
+        if self
+            .metrics
+            .stalls
+            .failed(node, &table, &sqlstate, &e.to_string())
+        {
+            tracing::error!(
+                peer = %node,
+                %table,
+                %sqlstate,
+                error = %e,
+                retry_in_seconds = pause.as_secs(),
+                "changes from the peer cannot be applied here and wait (nothing is skipped): {}",
+                stall_fix(e, &sqlstate)
+            );
+        } else {
+            tracing::debug!(peer = %node, %sqlstate, error = %e, "apply still stalled");
+        }
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+
+    /// `node`'s changes applied: the end of a stall, if there was one.
+    fn resumed(&self, node: &str, slot: &OriginSlot) {
+        *slot.backoff.lock().expect("backoff lock") = Duration::ZERO;
+        if let Some((stalled_for, attempts)) = self.metrics.stalls.resumed(node) {
+            self.metrics.set_apply_stalled(node, None);
+            tracing::info!(peer = %node, stalled_seconds = stalled_for.as_secs(), attempts, "changes from the peer apply again");
+        }
     }
 
     /// Opens the origin's apply session, waiting a while for a previous one (of a link that
@@ -708,6 +766,43 @@ impl ClockSkew {
             .iter()
             .copied()
             .min_by_key(|o| o.unsigned_abs())
+    }
+}
+
+/// The `table` label of a stall: the failing change's table, `(schema change)` for DDL.
+fn stall_table(e: &ApplyError) -> String {
+    match e {
+        ApplyError::Statement { table, .. } | ApplyError::NotReplicated { table } => {
+            table.to_string()
+        }
+        ApplyError::Ddl { .. } | ApplyError::Enrol(_) => "(schema change)".into(),
+        _ => String::new(),
+    }
+}
+
+/// What the operator does about a stall, by its cause.
+fn stall_fix(e: &ApplyError, sqlstate: &str) -> &'static str {
+    match (e, sqlstate) {
+        (ApplyError::Ddl { .. }, _) => {
+            "a schema change from the peer failed here: make this node's schema match the \
+             peer's (so that the statement can run), and it is applied again by itself"
+        }
+        (_, "42P01") => {
+            "the table is missing here: create it as it is on the peer, and replication \
+             resumes by itself"
+        }
+        (_, "42703") => {
+            "a column is missing here: add it as it is on the peer, and replication resumes \
+             by itself"
+        }
+        (_, s) if s.starts_with("22") || s == "42804" => {
+            "a value does not fit this node's column: make the column's type match the peer's, \
+             and replication resumes by itself"
+        }
+        (ApplyError::NotReplicated { .. }, _) => {
+            "make [replication] tables agree on both nodes, and replication resumes by itself"
+        }
+        _ => "replication from this peer resumes by itself once the cause is fixed",
     }
 }
 
