@@ -281,3 +281,64 @@ fn a_change_that_cannot_apply_waits_visibly_backs_off_and_applies_after_the_fix(
     assert!(stall_of(&c, 1, "a").is_null());
     c.assert_no_conflicts();
 }
+
+#[test]
+fn concurrent_ddl_on_two_nodes_converges_and_ddl_nodes_refuse_it_elsewhere() {
+    // By default any node changes the schema; two nodes at the same moment: each applies the
+    // other's change after its own, and changes that commute converge.
+    let c = TestCluster::start(2, ClusterOptions::default());
+    let (a, b) = (c.front_door(0), c.front_door(1));
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now())")
+        .unwrap();
+    c.wait_enrolled("t");
+    a.execute("BEGIN; ALTER TABLE t ADD COLUMN x int").unwrap();
+    b.execute("BEGIN; ALTER TABLE t ADD COLUMN y text").unwrap();
+    a.execute("COMMIT").unwrap();
+    b.execute("COMMIT").unwrap();
+    let columns = "SELECT string_agg(column_name, ',' ORDER BY column_name) \
+                   FROM information_schema.columns WHERE table_name = 't'";
+    c.wait_all("both columns on both nodes", columns, "id,updated_at,x,y");
+    a.execute("INSERT INTO t (id, x) VALUES (1, 10)").unwrap();
+    b.execute("INSERT INTO t (id, y) VALUES (2, 'b')").unwrap();
+    // Column order may differ between the nodes (each added its own first): compare by name.
+    c.wait_all(
+        "rows written through either column",
+        "SELECT string_agg(id || ':' || coalesce(x::text, '-') || ':' || coalesce(y, '-'), ',' \
+         ORDER BY id) FROM t",
+        "1:10:-,2:-:b",
+    );
+    c.assert_no_conflicts();
+    assert_no_apply_errors(&c);
+    drop(c);
+
+    // With [replication] ddl_nodes, schema changes happen on those nodes only: elsewhere they
+    // are refused, through pgmm or straight to Postgres.
+    let c = TestCluster::start(
+        3,
+        ClusterOptions {
+            replication_toml: "ddl_nodes = [\"a\"]\n".into(),
+            ..ClusterOptions::default()
+        },
+    );
+    let create =
+        "CREATE TABLE u (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now())";
+    let refused = c.front_door(1).execute(create).unwrap_err();
+    assert!(refused.contains("42501"), "{refused}");
+    assert!(
+        refused.contains(
+            "schema changes are made on node a ([replication] ddl_nodes); this is node b"
+        ),
+        "{refused}"
+    );
+    let direct = c.db(2).execute(create).unwrap_err();
+    assert!(direct.contains("this is node c"), "{direct}");
+    c.db(1)
+        .execute("CREATE TEMP TABLE scratch (x int); DROP TABLE scratch")
+        .unwrap();
+    c.front_door(0).execute(create).unwrap();
+    c.wait_enrolled("u");
+    c.front_door(2)
+        .execute("INSERT INTO u (id) VALUES (1)")
+        .unwrap();
+    c.wait_converged("u", 1);
+}

@@ -171,6 +171,9 @@ pub struct ReplicationConfig {
     /// At most this many bytes of received changes wait for apply, per inbound peer link; the
     /// link's reader stops reading (and TCP pushes back on the sender) until apply catches up.
     pub apply_queue_bytes: usize,
+    /// The nodes on which schema changes may be made (`[replication] ddl_nodes`); empty means
+    /// every node. DDL elsewhere is refused (42501) by the capture trigger.
+    pub ddl_nodes: Vec<String>,
 }
 
 impl Default for ReplicationConfig {
@@ -183,6 +186,7 @@ impl Default for ReplicationConfig {
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             apply_queue_bytes: DEFAULT_APPLY_QUEUE_BYTES,
+            ddl_nodes: Vec::new(),
         }
     }
 }

@@ -644,3 +644,25 @@ fn errors_render_path_line_and_sqlstate() {
         "{err}"
     );
 }
+
+#[test]
+fn ddl_nodes_name_cluster_nodes_and_default_to_all() {
+    let config = parse(&with("[replication]\ntables = [\"public.*\"]\n")).unwrap();
+    assert!(config.replication.ddl_nodes.is_empty());
+    let config = parse(&with("[replication]\nddl_nodes = [\"a\", \"c\"]\n")).unwrap();
+    assert_eq!(config.replication.ddl_nodes, ["a", "c"]);
+    let text = with("[replication]\nddl_nodes = [\"a\", \"x\"]\n");
+    assert_invalid(
+        &text,
+        "replication.ddl_nodes",
+        line_of(&text, "ddl_nodes", 0),
+        "\"x\" is not a node of cluster.nodes (a, b, c)",
+    );
+    let text = with("[replication]\nddl_nodes = []\n");
+    assert_invalid(
+        &text,
+        "replication.ddl_nodes",
+        line_of(&text, "ddl_nodes", 0),
+        "at least one node",
+    );
+}

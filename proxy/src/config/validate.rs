@@ -113,6 +113,7 @@ struct RawReplication {
     max_clock_skew_ms: Option<Spanned<u64>>,
     chunk_bytes: Option<Spanned<u64>>,
     apply_queue_bytes: Option<Spanned<u64>>,
+    ddl_nodes: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -207,7 +208,7 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
 
     let replication = raw
         .replication
-        .map(|r| check_replication(src, r))
+        .map(|r| check_replication(src, &nodes, r))
         .transpose()?
         .unwrap_or_default();
 
@@ -441,8 +442,34 @@ fn check_peers(
 
 fn check_replication(
     src: &Source<'_>,
+    nodes: &[String],
     raw: RawReplication,
 ) -> Result<ReplicationConfig, ConfigError> {
+    let mut ddl_nodes = Vec::new();
+    if let Some(list) = &raw.ddl_nodes {
+        if list.get_ref().is_empty() {
+            return Err(src.invalid(
+                &list.span(),
+                "replication.ddl_nodes",
+                "must name at least one node (leave the key out to allow schema changes on \
+                 every node)",
+            ));
+        }
+        for name in list.get_ref() {
+            if !nodes.contains(name.get_ref()) {
+                return Err(src.invalid(
+                    &name.span(),
+                    "replication.ddl_nodes",
+                    format!(
+                        "{:?} is not a node of cluster.nodes ({})",
+                        name.get_ref(),
+                        nodes.join(", ")
+                    ),
+                ));
+            }
+            ddl_nodes.push(name.get_ref().clone());
+        }
+    }
     let mut tables = Vec::with_capacity(raw.tables.len());
     for pattern in raw.tables {
         let text = pattern.get_ref();
@@ -545,6 +572,7 @@ fn check_replication(
         max_clock_skew_ms,
         chunk_bytes,
         apply_queue_bytes,
+        ddl_nodes,
     })
 }
 

@@ -168,7 +168,7 @@ impl ReplicationNode {
         tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
         // Before the front door opens and before the slots exist: every schema change from
         // now on is in the WAL the slots stream.
-        ddl::install(&client, &config.replication).await?;
+        ddl::install(&client, &config.replication, &config.node.name).await?;
 
         let others: Vec<String> = config
             .cluster

@@ -76,10 +76,28 @@ fn pattern_condition(replication: &ReplicationConfig) -> String {
     }
 }
 
-/// The functions and triggers, as one script (idempotent).
-pub fn capture_sql(replication: &ReplicationConfig) -> String {
+/// The PL/pgSQL that refuses a schema change on `node` when `[replication] ddl_nodes` does not
+/// name it; empty where schema changes are allowed.
+fn refusal(replication: &ReplicationConfig, node: &str) -> String {
+    if replication.ddl_nodes.is_empty() || replication.ddl_nodes.iter().any(|n| n == node) {
+        return String::new();
+    }
+    let message = format!(
+        "schema changes are made on node {} ([replication] ddl_nodes); this is node {node}",
+        replication.ddl_nodes.join(" or ")
+    );
+    format!(
+        "RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = {}, HINT = {};",
+        escape_literal(&message),
+        escape_literal("run it there: it replicates to every node")
+    )
+}
+
+/// The functions and triggers for `node`, as one script (idempotent).
+pub fn capture_sql(replication: &ReplicationConfig, node: &str) -> String {
     let conflict = escape_literal(&replication.conflict_column);
     let patterns = pattern_condition(replication);
+    let refuse = refusal(replication, node);
     format!(
         r#"
 CREATE OR REPLACE FUNCTION pgmm.publish_new_table(rel oid) RETURNS void
@@ -138,6 +156,7 @@ BEGIN
     END IF;
   END LOOP;
   IF commands > 0 AND local = commands THEN RETURN; END IF;
+  {refuse}
   PERFORM pg_catalog.pg_logical_emit_message(true, '{DDL_MESSAGE_PREFIX}',
     pg_catalog.json_build_object(
       'tag', tg_tag, 'query', pg_catalog.current_query(),
@@ -163,9 +182,10 @@ END $pgmm$;
 pub async fn install(
     client: &impl GenericClient,
     replication: &ReplicationConfig,
+    node: &str,
 ) -> Result<(), DdlCaptureError> {
     client
-        .batch_execute(&capture_sql(replication))
+        .batch_execute(&capture_sql(replication, node))
         .await
         .map_err(|e| match e.code().map(|c| c.code()) {
             Some("42501") => DdlCaptureError::NotSuperuser(e),
@@ -188,8 +208,21 @@ mod tests {
             "(s = 'demo') OR (s = 'sales' AND n = 'orders') OR (n = 'log')"
         );
         assert_eq!(pattern_condition(&ReplicationConfig::default()), "false");
-        let sql = capture_sql(&replication);
+        let sql = capture_sql(&replication, "a");
         assert!(sql.contains("attname = 'updated_at'"));
         assert!(sql.contains("'pgmm.ddl'"));
+        assert!(!sql.contains("RAISE EXCEPTION"));
+    }
+
+    #[test]
+    fn only_the_ddl_nodes_may_change_the_schema() {
+        let replication = ReplicationConfig {
+            ddl_nodes: vec!["a".into(), "b".into()],
+            ..ReplicationConfig::default()
+        };
+        assert_eq!(refusal(&replication, "a"), "");
+        assert!(refusal(&replication, "c").contains(
+            "'schema changes are made on node a or b ([replication] ddl_nodes); this is node c'"
+        ));
     }
 }
