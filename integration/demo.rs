@@ -376,6 +376,39 @@ fn demo_workload_writes_on_every_node_and_prints_live_lines() {
             "t",
         )
         .await;
+        // The README's walkthrough: a column added through node a while the workload writes
+        // reaches b, and a's rows keep arriving after it.
+        let url_a = &urls[0].1;
+        let a = connect(url_a).await;
+        a.batch_execute("alter table demo.items add column note text default 'walkthrough'")
+            .await
+            .expect("add a column through node a");
+        wait_value(
+            &b,
+            url_b,
+            "select count(*) from information_schema.columns \
+             where table_schema = 'demo' and table_name = 'items' and column_name = 'note'",
+            "1",
+        )
+        .await;
+        let before: i64 = b
+            .query_one(
+                "select count(*) from demo.items where v like 'from a, round %'",
+                &[],
+            )
+            .await
+            .expect("count a's rows on b")
+            .get(0);
+        wait_value(
+            &b,
+            url_b,
+            &format!(
+                "select count(*) > {before} from demo.items where v like 'from a, round %' \
+                 and note = 'walkthrough'"
+            ),
+            "t",
+        )
+        .await;
     });
     let status = demo.terminate();
     assert!(

@@ -2,10 +2,10 @@
 //!
 //! It initdb's one Postgres per node in a temporary directory (with the settings replication
 //! needs: `wal_level = logical`, `track_commit_timestamp = on`, a slot and WAL sender per
-//! peer), starts them, creates the `demo` schema on each, and runs one pgmm node in front of
-//! each Postgres, fully meshed with a generated shared secret, then prints the URLs to connect
-//! to. The tables exist on every node before any pgmm starts: DDL is not replicated, and the
-//! start-up enrolment publishes them before the first write can happen.
+//! peer), starts them, runs one pgmm node in front of each Postgres, fully meshed with a
+//! generated shared secret, creates the `demo` schema once through the first node's front door
+//! (schema changes replicate), waits until every node publishes its tables, then prints the
+//! URLs to connect to.
 //!
 //! The schema shows each way a table can be written: `demo.items` is shared (any node writes;
 //! colliding writes are conflicts, logged in `pgmm.conflicts`), `demo.owned_by_<node>` is
@@ -318,22 +318,11 @@ async fn start(
         workspace.configure(name, ports.postgres, names.len() - 1)?;
         postmasters.push(workspace.start_postgres(name)?);
     }
-    let schema = schema_sql(names);
     for ((name, ports), postmaster) in names.iter().zip(ports).zip(postmasters) {
         progress(format_args!(
             "waiting for postgres of node {name} to accept connections ..."
         ));
-        let client = workspace.wait_ready(postmaster, ports.postgres).await?;
-        progress(format_args!(
-            "creating schema demo on node {name} (DDL is not replicated: every node gets it) ..."
-        ));
-        client
-            .batch_execute(&schema)
-            .await
-            .map_err(|source| DemoError::Schema {
-                node: name.clone(),
-                source,
-            })?;
+        workspace.wait_ready(postmaster, ports.postgres).await?;
     }
 
     let shutdown = CancellationToken::new();
@@ -372,11 +361,74 @@ async fn start(
             Some(joined) = tasks.join_next_with_id() => return Err(node_stopped(&task_names, joined)),
         }
     }
+    // Once, through the first node's front door: the schema replicates to the others.
+    let first = &names[0];
+    progress(format_args!(
+        "creating schema demo through node {first} (schema changes replicate to every node) ..."
+    ));
+    tokio::select! {
+        created = create_schema(names, ports) => created?,
+        Some(joined) = tasks.join_next_with_id() => return Err(node_stopped(&task_names, joined)),
+    }
     Ok(Running {
         tasks,
         names: task_names,
         shutdown,
     })
+}
+
+/// Runs [`schema_sql`] through the first node's front door, then waits until every node has
+/// the tables in its publication (they replicated and were enrolled), so that the workload and
+/// the newcomer's first writes replicate.
+async fn create_schema(names: &[String], ports: &[NodePorts]) -> Result<(), DemoError> {
+    let schema_error = |node: &str| {
+        let node = node.to_owned();
+        move |source| DemoError::Schema { node, source }
+    };
+    let (client, connection) =
+        tokio_postgres::connect(&client_url(&ports[0]), tokio_postgres::NoTls)
+            .await
+            .map_err(schema_error(&names[0]))?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&schema_sql(names))
+        .await
+        .map_err(schema_error(&names[0]))?;
+    let tables = (2 + names.len()) as i64;
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    for (name, ports) in names.iter().zip(ports) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", ports.postgres);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(schema_error(name))?;
+        tokio::spawn(connection);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let published: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_publication_tables \
+                     WHERE pubname = 'pgmm' AND schemaname = 'demo'",
+                    &[],
+                )
+                .await
+                .map_err(schema_error(name))?
+                .get(0);
+            if published >= tables {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::Timeout {
+                    what: format!(
+                        "schema demo to replicate to node {name} ({published} of {tables} tables)"
+                    ),
+                    log: "the node log lines above say why".into(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }
 
 /// Node names `a`, `b`, ... for `--nodes`.
