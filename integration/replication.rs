@@ -1,8 +1,9 @@
 //! End-to-end tests of replication: clusters of 2 or 3 real PostgreSQL servers, each with a
 //! `pgmm serve` child process in front, fully meshed. Every test starts its own cluster.
 //!
-//! Tables are created on every node before pgmm starts where the test allows it: DDL is not
-//! replicated, and the start-up enrolment then publishes them before the first write.
+//! Tables are created on every node before pgmm starts where the test allows it, so the start-up
+//! enrolment publishes them before the first write (schema changes made later replicate: see
+//! `ddl.rs`).
 
 use crate::harness;
 

@@ -2,10 +2,9 @@
 //!
 //! Every node's config names every other node's peer address, so the ports are fixed before the
 //! first process starts ([`PgmmPorts`]), and a node that is killed comes back on the same ones.
-//! DDL is not replicated, and a table only reaches peers once it is in publication `pgmm`, so
-//! tables are best created on every node before pgmm starts ([`TestCluster::prepare`], then
-//! [`TestCluster::create_table`], then [`TestCluster::start_pgmm`]): the start-up enrolment
-//! publishes them before the first write can happen.
+//! Tables are created on every node before pgmm starts where a test's data must exist before
+//! any slot ([`TestCluster::prepare`], then [`TestCluster::create_table`], then
+//! [`TestCluster::start_pgmm`]); once pgmm runs, DDL on one node replicates (`ddl.rs`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -326,8 +325,9 @@ impl TestCluster {
         }
     }
 
-    /// Creates `table` with `columns` directly on every node (DDL is not replicated) and, on the
-    /// nodes whose pgmm runs, waits until it is enrolled, so that writes to it are captured.
+    /// Creates `table` with `columns` directly on every node (before pgmm runs nothing replicates;
+    /// once it does, each node skips the others' copies as already done) and, on the nodes whose
+    /// pgmm runs, waits until it is enrolled, so that writes to it are captured.
     pub fn create_table(&self, table: &str, columns: &str) {
         self.exec_all(&format!("CREATE TABLE {table} ({columns})"));
         if self.nodes.iter().any(|n| n.pgmm.is_some()) {

@@ -10,16 +10,17 @@
 //! - The parts of a node:
 //!   - [`frontdoor`]: the client listener and the 1:1 session relay that refuses writes this
 //!     node does not own.
-//!   - [`replication`]: local changes read from a slot and shipped to every peer; the peers'
-//!     changes applied exactly once, conflicts resolved.
+//!   - [`replication`]: local changes (rows and schema changes) read from a slot and shipped to
+//!     every peer; the peers' changes applied exactly once, conflicts resolved.
 //!   - [`schema`]: what pgmm installs in the local database (its schema, the publication, the
-//!     guard triggers).
+//!     guard triggers, the event triggers that capture DDL).
 //!   - [`observe`]: metrics registry, `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - Shared by all of them: [`pg`] (connecting, error text, quoting, object names) and
 //!   [`config`] (the validated config file, table names, ownership rules).
 //!
 //! Dependencies point one way: `cli -> commands -> node -> {frontdoor, replication, schema} ->
-//! observe -> pg -> config`. Modules are private; what the integration tests drive directly is
+//! observe -> pg -> config`, with `replication -> schema` (apply enrols the tables a replicated
+//! schema change made). Modules are private; what the integration tests drive directly is
 //! re-exported at the end.
 
 mod cli;

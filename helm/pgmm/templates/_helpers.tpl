@@ -179,6 +179,9 @@ conflict_column = {{ $v.replication.conflictColumn | toJson }}
 enrol_interval_seconds = {{ int $v.replication.enrolIntervalSeconds }}
 chunk_bytes = {{ int64 $v.replication.chunkBytes }}
 apply_queue_bytes = {{ int64 $v.replication.applyQueueBytes }}
+{{- with $v.replication.ddlNodes }}
+ddl_nodes = {{ toJson . }}
+{{- end }}
 {{- end }}
 {{- range $v.ownership }}
 
