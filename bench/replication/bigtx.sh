@@ -187,7 +187,7 @@ CONF
 done
 log "Postgres started: $(for c in "${CLUSTERS[@]}"; do printf '%s=127.0.0.1:%s ' "$c" "${port[$c]}"; done)"
 
-# The same empty table on all four (neither system replicates DDL); pgmm needs updated_at.
+# The same empty table on all four, made before either system starts; pgmm needs updated_at.
 for c in "${CLUSTERS[@]}"; do
     sql "$c" -c "CREATE TABLE bench_big (id bigint PRIMARY KEY, v text,
         updated_at timestamptz NOT NULL DEFAULT now())" >/dev/null

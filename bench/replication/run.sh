@@ -203,7 +203,7 @@ EOF
 done
 log "Postgres started: $(for c in "${CLUSTERS[@]}"; do printf '%s=127.0.0.1:%s ' "$c" "${port[$c]}"; done)"
 
-# The same table on both sides (neither system replicates DDL), pre-filled with the same rows.
+# The same table on both sides, made before either system starts, pre-filled with the same rows.
 # created_at is set once at insert on the sender and travels with the row; applied_at is set by a
 # trigger on the receiver only, so applied_at - created_at is the per-row lag on one clock.
 schema_sql="

@@ -118,6 +118,18 @@ impl ApplyStalls {
         map.remove(peer).map(|s| (s.since.elapsed(), s.attempts))
     }
 
+    /// Whether `peer`'s stall is the apply session failing to open (`08006` no connection,
+    /// `55006` its origin still held), which a session that opens ends, rather than a change
+    /// that fails, which only its own success ends.
+    pub fn opening(&self, peer: &str) -> bool {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(peer)
+            .is_some_and(|s| s.table.is_empty() && matches!(s.sqlstate.as_str(), "08006" | "55006"))
+    }
+
     pub fn get(&self, peer: &str) -> Option<ApplyStall> {
         let map = self
             .0
@@ -201,5 +213,30 @@ impl NodeStatus {
             peers,
             front_door_refusals_last_hour: front_door_refusals,
         }
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::ApplyStalls;
+
+    #[test]
+    fn a_stall_is_news_once_per_error_counts_attempts_and_ends_on_resume() {
+        let stalls = ApplyStalls::default();
+        assert!(stalls.get("a").is_none());
+        assert!(stalls.failed("a", "public.t", "42P01", "missing"));
+        assert!(!stalls.failed("a", "public.t", "42P01", "missing"));
+        let stall = stalls.get("a").unwrap();
+        assert_eq!((stall.table.as_str(), stall.attempts), ("public.t", 2));
+        // Another error is news again; the stall keeps its start and its count.
+        assert!(stalls.failed("a", "public.t", "42703", "column"));
+        assert_eq!(stalls.get("a").unwrap().attempts, 3);
+        assert!(!stalls.opening("a"));
+        assert!(stalls.get("b").is_none());
+        assert_eq!(stalls.resumed("a").map(|(_, n)| n), Some(3));
+        assert!(stalls.get("a").is_none() && stalls.resumed("a").is_none());
+        // A session that could not open is over once one opens.
+        stalls.failed("b", "", "55006", "origin busy");
+        assert!(stalls.opening("b"));
     }
 }

@@ -319,7 +319,14 @@ impl Receiver {
             };
             if applier.as_ref().is_none_or(Applier::is_closed) {
                 match self.open_applier(&node, &token).await {
-                    Ok(a) => *applier = Some(a),
+                    Ok(a) => {
+                        // A stall that was the session not opening is over now; one about a
+                        // change ends when that change applies.
+                        if self.metrics.stalls.opening(&node) {
+                            self.resumed(&node, &slot);
+                        }
+                        *applier = Some(a);
+                    }
                     Err(e) => {
                         apply_errors.inc();
                         self.stalled(&node, &slot, &e, &token).await;
