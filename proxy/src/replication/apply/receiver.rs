@@ -22,6 +22,7 @@ use super::{origin_name, Applier, ApplyError, BatchError, Path, RemoteTx};
 use crate::config::owners::OwnerRules;
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::pg::pg_error_text;
+use crate::pg::SqlState;
 use crate::replication::changeset::{Change, ChangeSet};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
