@@ -226,6 +226,7 @@ impl ReplicationNode {
             nodes: config.cluster.nodes.clone(),
             tls: tls.as_ref().map(|t| t.server.clone()),
             postgres: config.postgres.clone(),
+            pool: pool.clone(),
             replication: config.replication.clone(),
             peer_metrics: peer_metrics.clone(),
             metrics: metrics.clone(),
@@ -285,7 +286,9 @@ impl ReplicationNode {
 }
 
 /// Connects to the local Postgres, retrying while it is unreachable (it may be starting
-/// beside pgmm, as in a Kubernetes pod).
+/// beside pgmm, as in a Kubernetes pod). A session of its own rather than a pooled one: it is
+/// closed once the node has started, so a node without peers (whose pool only `/readyz` uses)
+/// keeps no idle backend open.
 async fn connect_when_up(
     config: &Config,
     shutdown: &CancellationToken,

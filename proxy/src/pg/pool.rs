@@ -1,7 +1,8 @@
 //! pgmm's own pool of connections to the local Postgres (`[postgres] pool_size`), for the
 //! short pieces of bookkeeping a node does on a timer or on request: enrolment checks, the slot
-//! monitor, the tombstone purge and `/readyz`. They share a few sessions instead of each
-//! holding one. Client sessions never use it (each client gets its own backend connection), and
+//! monitor, the tombstone purge, the progress record a peer handshake resumes from, and
+//! `/readyz`. They share a few sessions instead of each holding one. The start-up migration and
+//! enrolment use a session of their own, closed once the node has started. Client sessions never use it (each client gets its own backend connection), and
 //! neither do the sessions that must keep their own state: apply (its replication origin and
 //! `session_replication_role`), the TOAST filler and the walsender streams.
 
