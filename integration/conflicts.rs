@@ -355,22 +355,6 @@ fn a_clock_running_behind_does_not_lose_a_causally_later_write() {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so a failure can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The newest write made to a key: (stamp, node), and the row it left (`None`: deleted).
 type Newest = BTreeMap<i32, ((String, String), Option<String>)>;
 
@@ -392,7 +376,6 @@ fn random_writes_with_random_link_drops_converge_to_the_newest_write() {
                 .duration_since(UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-                | 1
         });
     eprintln!("random_writes seed: {seed} (replay with PGMM_TEST_SEED={seed})");
     let result = std::panic::catch_unwind(|| random_run(seed));
@@ -443,7 +426,8 @@ fn random_run(seed: u64) {
     const STAMP: &str = "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')";
     // A row as the oracle and the check see it: the small value and a digest of the large one.
     const ROW: &str = "id, v || ':' || coalesce(md5(big), '-')";
-    let mut rng = Rng(seed);
+    // Seeded, so a failure can be replayed from its seed.
+    let mut rng = fastrand::Rng::with_seed(seed);
     let columns =
         "id int PRIMARY KEY, v text, big text, updated_at timestamptz NOT NULL DEFAULT now()";
     // Postgres crashes below: a commit must be durable when it is acknowledged (the harness's
@@ -466,9 +450,9 @@ fn random_run(seed: u64) {
     let mut down: Option<usize> = None;
     for round in 0..ROUNDS {
         // Cut one node off, or heal, at random; now and then crash a node's Postgres.
-        match (down, rng.below(3)) {
+        match (down, rng.u64(..3)) {
             (None, 0) | (None, 1) => {
-                let victim = rng.below(3) as usize;
+                let victim = rng.u64(..3) as usize;
                 c.pgmm_mut(victim).kill();
                 down = Some(victim);
             }
@@ -479,12 +463,12 @@ fn random_run(seed: u64) {
             _ => {}
         }
         for w in 0..WRITES {
-            let node = rng.below(3) as usize;
-            let key = rng.below(KEYS) as i32 + 1;
+            let node = rng.u64(..3) as usize;
+            let key = rng.u64(..KEYS) as i32 + 1;
             let name = c.name(node).to_owned();
             let value = format!("{name}{round}.{w}");
             // A new large value now and then; most writes leave it as it is.
-            let big = if rng.below(3) == 0 {
+            let big = if rng.u64(..3) == 0 {
                 format!(
                     "(SELECT string_agg(md5('{value}' || i), '') FROM generate_series(1, 200) i)"
                 )
@@ -498,7 +482,7 @@ fn random_run(seed: u64) {
                      RETURNING {ROW}, {STAMP}"
                 )
             };
-            let written: Vec<Vec<String>> = match rng.below(5) {
+            let written: Vec<Vec<String>> = match rng.u64(..5) {
                 0 => {
                     let deleted = c.rows(
                         node,
@@ -547,8 +531,8 @@ fn random_run(seed: u64) {
                 );
             }
         }
-        if rng.below(3) == 0 {
-            crash_postgres(&c, rng.below(3) as usize);
+        if rng.u64(..3) == 0 {
+            crash_postgres(&c, rng.u64(..3) as usize);
         }
     }
     if let Some(victim) = down {

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fastrand::Rng;
 use futures_util::{SinkExt, StreamExt};
 use harness::{
     run_command, run_ok, wait_until, wire, PeerOptions, PgCluster, Pgmm, PgmmOptions, MD5_USER,
@@ -1379,41 +1380,28 @@ fn startup_timeouts_are_counted_and_bad_connections_are_logged_at_a_bounded_rate
     assert_eq!(client.value("select 1"), "1", "still serving");
 }
 
-/// xorshift64* for the fuzzing clients: seeded, so a failing run can be replayed.
-struct Rng(u64);
+/// `n` random bytes.
+fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    rng.fill(&mut v);
+    v
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    /// A few random edits of `v`: flipped bytes, a cut, random bytes appended.
-    fn mutate(&mut self, v: &mut Vec<u8>) {
-        for _ in 0..=self.below(3) {
-            match self.below(3) {
-                0 if !v.is_empty() => {
-                    let i = self.below(v.len());
-                    v[i] ^= 1 << self.below(8);
-                }
-                1 if !v.is_empty() => {
-                    let cut = self.below(v.len());
-                    v.truncate(cut);
-                }
-                _ => {
-                    let n = self.below(32);
-                    v.extend(self.bytes(n));
-                }
+/// A few random edits of `v`: flipped bytes, a cut, random bytes appended.
+fn mutate(rng: &mut Rng, v: &mut Vec<u8>) {
+    for _ in 0..=rng.usize(..3) {
+        match rng.usize(..3) {
+            0 if !v.is_empty() => {
+                let i = rng.usize(..v.len());
+                v[i] ^= 1 << rng.usize(..8);
+            }
+            1 if !v.is_empty() => {
+                let cut = rng.usize(..v.len());
+                v.truncate(cut);
+            }
+            _ => {
+                let n = rng.usize(..32);
+                v.extend(random_bytes(rng, n));
             }
         }
     }
@@ -1422,32 +1410,32 @@ impl Rng {
 /// A random message after start-up: random type byte, length and body, or a valid message
 /// mutated. FunctionCall is left out: a random one could call a real function.
 fn garbage_message(rng: &mut Rng) -> Vec<u8> {
-    match rng.below(3) {
+    match rng.usize(..3) {
         0 => {
-            let n = rng.below(64);
-            rng.bytes(n)
+            let n = rng.usize(..64);
+            random_bytes(rng, n)
         }
         1 => {
-            let kind = *b"QPBEDSHCdcf?p".get(rng.below(13)).expect("in range");
-            let len = match rng.below(4) {
-                0 => rng.below(8) as u32,
-                1 => u32::MAX - rng.below(4) as u32,
-                _ => rng.below(200) as u32 + 4,
+            let kind = *b"QPBEDSHCdcf?p".get(rng.usize(..13)).expect("in range");
+            let len = match rng.usize(..4) {
+                0 => rng.usize(..8) as u32,
+                1 => u32::MAX - rng.usize(..4) as u32,
+                _ => rng.usize(..200) as u32 + 4,
             };
             let mut m = vec![kind];
             m.extend_from_slice(&len.to_be_bytes());
-            let body = rng.below(len.min(300) as usize + 1);
-            m.extend(rng.bytes(body));
+            let body = rng.usize(..len.min(300) as usize + 1);
+            m.extend(random_bytes(rng, body));
             m
         }
         _ => {
-            let mut m = match rng.below(4) {
+            let mut m = match rng.usize(..4) {
                 0 => wire::query("select 1"),
                 1 => wire::parse("", "select $1::int"),
                 2 => wire::bind("", ""),
                 _ => wire::execute(""),
             };
-            rng.mutate(&mut m);
+            mutate(rng, &mut m);
             m
         }
     }
@@ -1456,21 +1444,21 @@ fn garbage_message(rng: &mut Rng) -> Vec<u8> {
 /// A Bind of the two-parameter statement `ins` with random, often mangled, values.
 fn random_bind(rng: &mut Rng) -> Vec<u8> {
     let mut body = b"\0ins\0".to_vec();
-    let formats = rng.below(3) as i16;
+    let formats = rng.usize(..3) as i16;
     body.extend_from_slice(&formats.to_be_bytes());
     for _ in 0..formats {
-        body.extend_from_slice(&(rng.below(2) as i16).to_be_bytes());
+        body.extend_from_slice(&(rng.usize(..2) as i16).to_be_bytes());
     }
     body.extend_from_slice(&2i16.to_be_bytes());
-    let id = (1_000_000 + rng.below(1_000_000)).to_string();
-    let home = ["a", "b", "c", ""][rng.below(4)];
+    let id = (1_000_000 + rng.usize(..1_000_000)).to_string();
+    let home = ["a", "b", "c", ""][rng.usize(..4)];
     for value in [id.as_bytes(), home.as_bytes()] {
         body.extend_from_slice(&(value.len() as i32).to_be_bytes());
         body.extend_from_slice(value);
     }
     body.extend_from_slice(&0i16.to_be_bytes());
-    if rng.below(2) == 0 {
-        rng.mutate(&mut body);
+    if rng.usize(..2) == 0 {
+        mutate(rng, &mut body);
     }
     wire::message(b'B', &body)
 }
@@ -1498,21 +1486,21 @@ fn drain(s: &mut std::net::TcpStream, timeout: Duration) {
 /// (the path where pgmm decodes Bind bodies itself).
 fn fuzz_connection(port: u16, rng: &mut Rng) {
     let mut s = wire::connect(port);
-    match rng.below(4) {
+    match rng.usize(..4) {
         0 => {
-            let n = rng.below(64);
-            wire::send(&mut s, &rng.bytes(n));
+            let n = rng.usize(..64);
+            wire::send(&mut s, &random_bytes(rng, n));
         }
         1 => {
             let mut packet = wire::startup_message("postgres", "postgres");
-            rng.mutate(&mut packet);
+            mutate(rng, &mut packet);
             wire::send(&mut s, &packet);
         }
         2 => {
             wire::send(&mut s, &wire::startup_message("postgres", "postgres"));
             wire::read_until_ready(&mut s);
             let mut stream = Vec::new();
-            for _ in 0..=rng.below(6) {
+            for _ in 0..=rng.usize(..6) {
                 stream.extend(garbage_message(rng));
             }
             wire::send(&mut s, &stream);
@@ -1522,7 +1510,7 @@ fn fuzz_connection(port: u16, rng: &mut Rng) {
             wire::read_until_ready(&mut s);
             let mut stream = wire::parse("ins", "insert into acct (id, home) values ($1, $2)");
             stream.extend(wire::sync());
-            for _ in 0..=rng.below(4) {
+            for _ in 0..=rng.usize(..4) {
                 stream.extend(random_bind(rng));
                 stream.extend(wire::execute(""));
                 stream.extend(wire::sync());
@@ -1583,7 +1571,8 @@ async fn random_bytes_never_disturb_another_session() {
     let fuzzers: Vec<_> = (0..FUZZERS)
         .map(|f| {
             std::thread::spawn(move || {
-                let mut rng = Rng((seed ^ (f as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
+                let mut rng =
+                    Rng::with_seed(seed ^ (f as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 for _ in 0..CONNECTIONS_EACH {
                     fuzz_connection(port, &mut rng);
                 }

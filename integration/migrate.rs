@@ -13,6 +13,7 @@ use harness::{run_command, PgCluster};
 use pgmm::testing::enrol::{self, EnrolError};
 use pgmm::testing::migrate::{self, MigrateError, LATEST, MIGRATIONS};
 use pgmm::testing::ReplicationConfig;
+use pgmm::testing::SqlState;
 use pgmm::testing::TableName;
 use tokio_postgres::{Client, NoTls};
 

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use pgmm::testing::walsender::{
     ReplicationConn, ReplicationError, ReplicationStream, WalSenderConfig,
 };
+use pgmm::testing::SqlState;
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};

@@ -36,13 +36,15 @@ mod schema;
 pub use cli::main;
 
 /// What the integration tests (`integration/`) call without going through the `pgmm` binary:
-/// the walsender client, the migrations and enrolment against a real Postgres, and the purge.
+/// the walsender client, the migrations and enrolment against a real Postgres, the purge, and
+/// the trait their errors' SQLSTATEs are read through.
 #[doc(hidden)]
 pub mod testing {
     pub use crate::commands::demo::ports::free_ports;
     pub use crate::config::table::TableName;
     pub use crate::config::ReplicationConfig;
     pub use crate::node::replication::purge_tombstones;
+    pub use crate::pg::SqlState;
     pub use crate::replication::slot as walsender;
     pub use crate::schema::{enrol, migrate};
 }

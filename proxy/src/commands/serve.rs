@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::node;
+use crate::pg::SqlState;
 
 pub fn main(config_path: &Path) -> ExitCode {
     let config = match Config::load(config_path) {

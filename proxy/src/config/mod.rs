@@ -238,12 +238,6 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// SQLSTATE `F0000` (config_file_error), so config failures surface like the other error
-    /// enums when reported to a client.
-    pub fn sqlstate(&self) -> &'static str {
-        "F0000"
-    }
-
     /// The 1-based line the error points at, when there is one.
     #[cfg(test)]
     pub fn line(&self) -> Option<usize> {

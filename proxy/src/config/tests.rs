@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::pg::SqlState;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");
 

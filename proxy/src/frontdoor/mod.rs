@@ -39,6 +39,7 @@ use crate::frontdoor::metrics::FrontDoorMetrics;
 use crate::frontdoor::ownership::Ownership;
 use crate::observe::last_hour::LastHour;
 use crate::observe::log_limit::LogLimiter;
+use crate::pg::SqlState;
 use classify::Classifier;
 use tls::TlsError;
 
@@ -64,8 +65,8 @@ pub enum FrontDoorError {
     Tls(#[from] TlsError),
 }
 
-impl FrontDoorError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for FrontDoorError {
+    fn sqlstate(&self) -> &str {
         match self {
             FrontDoorError::Bind { .. } => "58000",
             FrontDoorError::Tls(e) => e.sqlstate(),

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use crate::config::owners::{row_message, table_message, OwnerRules, Verdict};
 use crate::config::table::TableName;
 use crate::frontdoor::classify::{contains_ignore_ascii_case, Classification, InsertedValue};
+use crate::pg::SqlState;
 
 /// Which tables this node may not write, and who may.
 #[derive(Debug, Clone, Default)]
@@ -232,12 +233,14 @@ pub enum OwnershipError {
     },
 }
 
-impl OwnershipError {
+impl SqlState for OwnershipError {
     /// `insufficient_privilege`: the client may retry through the owner, not here.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "42501"
     }
+}
 
+impl OwnershipError {
     /// The refused table, for the `pgmm_ownership_rejections_total{table}` label (bounded:
     /// only configured tables can be refused).
     pub fn table(&self) -> &TableName {

@@ -22,6 +22,7 @@ use crate::frontdoor::classify::{self, Classification, QueryKind};
 use crate::frontdoor::ownership::BoundCheck;
 use crate::frontdoor::refusal::{self, Pending, ResponseFilter};
 use crate::frontdoor::wire::{self, Header, StartupRequest, WireError};
+use crate::pg::SqlState;
 
 /// Why a session ended abnormally.
 #[derive(Debug, Error)]
@@ -36,16 +37,18 @@ pub enum SessionError {
     StartupTimeout(std::time::Duration),
 }
 
-impl SessionError {
+impl SqlState for SessionError {
     /// SQLSTATE reported to the client where it can still be told.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         match self {
             SessionError::Client(e) | SessionError::Server(e) => e.sqlstate(),
             SessionError::Backend { .. } => "08006",
             SessionError::StartupTimeout(_) => "08P01",
         }
     }
+}
 
+impl SessionError {
     /// Label of `pgmm_client_protocol_errors_total{reason}`: what the client did wrong;
     /// `None` when the client is not to blame (a reset connection, an unreachable backend).
     pub fn reason(&self) -> Option<&'static str> {

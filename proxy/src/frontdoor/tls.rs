@@ -11,6 +11,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tokio_rustls::TlsAcceptor;
 
+use crate::pg::SqlState;
+
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("TLS certificate {path}: {message}")]
@@ -21,9 +23,9 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-impl TlsError {
+impl SqlState for TlsError {
     /// config_file_error: a bad certificate is a configuration problem found at start-up.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "F0000"
     }
 }

@@ -11,6 +11,8 @@ use pgwire::messages::Message as _;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::pg::SqlState;
+
 /// Largest message Postgres accepts (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1), length field included.
 pub const MAX_MESSAGE_LEN: usize = 0x3fff_ffff;
 /// Largest startup packet Postgres accepts (`MAX_STARTUP_PACKET_LENGTH`).
@@ -57,9 +59,11 @@ impl WireError {
             WireError::Io(_) | WireError::ClosedBeforeStartup => None,
         }
     }
+}
 
+impl SqlState for WireError {
     /// protocol_violation, as Postgres answers malformed input.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "08P01"
     }
 }

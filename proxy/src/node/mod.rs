@@ -17,6 +17,7 @@ use crate::frontdoor::{self, FrontDoor, FrontDoorError};
 use crate::observe::admin::{self, Admin};
 use crate::observe::document::PeerGaugesSlot;
 use crate::observe::{self, MetricsError};
+use crate::pg::SqlState;
 
 pub mod replication;
 
@@ -37,14 +38,14 @@ pub enum ServeError {
     Signal(std::io::Error),
 }
 
-impl ServeError {
-    pub fn sqlstate(&self) -> String {
+impl SqlState for ServeError {
+    fn sqlstate(&self) -> &str {
         match self {
-            ServeError::Config(e) => e.sqlstate().into(),
-            ServeError::FrontDoor(e) => e.sqlstate().into(),
-            ServeError::Metrics(e) => e.sqlstate().into(),
+            ServeError::Config(e) => e.sqlstate(),
+            ServeError::FrontDoor(e) => e.sqlstate(),
+            ServeError::Metrics(e) => e.sqlstate(),
             ServeError::Node(e) => e.sqlstate(),
-            ServeError::Signal(_) => "58000".into(),
+            ServeError::Signal(_) => "58000",
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::observe::document::PeerGaugesSlot;
 use crate::observe::MetricsError;
 use crate::pg::pg_error_text;
 use crate::pg::pool::{self, Pool};
+use crate::pg::sqlstate::{self, SqlState};
 use crate::replication::apply::{origin_name, Receiver, ReceiverSetup};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{PeerError, PeerIdentity, PeerMetrics, PeerTls, PeerTlsError};
@@ -92,24 +93,22 @@ impl From<GuardError> for NodeError {
     }
 }
 
-impl NodeError {
-    pub fn sqlstate(&self) -> String {
+impl SqlState for NodeError {
+    fn sqlstate(&self) -> &str {
         match self {
-            NodeError::Migrate(e) => e.sqlstate().into(),
-            NodeError::Enrol(e) => e.sqlstate().into(),
+            NodeError::Migrate(e) => e.sqlstate(),
+            NodeError::Enrol(e) => e.sqlstate(),
             NodeError::Slot { source, .. } | NodeError::WalSenderConfig(source) => {
-                source.sqlstate().into()
+                source.sqlstate()
             }
-            NodeError::Origins(e) | NodeError::Settings(e) => e
-                .code()
-                .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
-            NodeError::CommitTimestamps => "55000".into(),
-            NodeError::Guard(e) => e.sqlstate().into(),
-            NodeError::DdlCapture(e) => e.sqlstate().into(),
-            NodeError::Peer(e) => e.sqlstate().into(),
-            NodeError::Tls(e) => e.sqlstate().into(),
-            NodeError::Bind { .. } | NodeError::Metrics(_) => "58000".into(),
-            NodeError::Cancelled => "57P01".into(),
+            NodeError::Origins(e) | NodeError::Settings(e) => sqlstate::of_pg_error(e),
+            NodeError::CommitTimestamps => "55000",
+            NodeError::Guard(e) => e.sqlstate(),
+            NodeError::DdlCapture(e) => e.sqlstate(),
+            NodeError::Peer(e) => e.sqlstate(),
+            NodeError::Tls(e) => e.sqlstate(),
+            NodeError::Bind { .. } | NodeError::Metrics(_) => "58000",
+            NodeError::Cancelled => "57P01",
         }
     }
 }
@@ -234,6 +233,7 @@ impl ReplicationNode {
             nodes: config.cluster.nodes.clone(),
             tls: tls.as_ref().map(|t| t.server.clone()),
             postgres: config.postgres.clone(),
+            pool: pool.clone(),
             replication: config.replication.clone(),
             peer_metrics: peer_metrics.clone(),
             metrics: metrics.clone(),
@@ -293,7 +293,9 @@ impl ReplicationNode {
 }
 
 /// Connects to the local Postgres, retrying while it is unreachable (it may be starting
-/// beside pgmm, as in a Kubernetes pod).
+/// beside pgmm, as in a Kubernetes pod). A session of its own rather than a pooled one: it is
+/// closed once the node has started, so a node without peers (whose pool only `/readyz` uses)
+/// keeps no idle backend open.
 async fn connect_when_up(
     config: &Config,
     shutdown: &CancellationToken,

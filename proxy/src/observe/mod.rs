@@ -20,6 +20,8 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use thiserror::Error;
 use tokio::net::TcpListener;
 
+use crate::pg::SqlState;
+
 pub mod admin;
 pub mod document;
 pub mod last_hour;
@@ -37,8 +39,8 @@ pub enum MetricsError {
     },
 }
 
-impl MetricsError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for MetricsError {
+    fn sqlstate(&self) -> &str {
         "58000"
     }
 }

@@ -1,5 +1,6 @@
 //! Postgres plumbing every part of pgmm shares: connecting to the local server, the text of a
-//! server error, quoting ([`quote`]) and the names pgmm gives its objects ([`names`]).
+//! server error, the [`SqlState`] of every error enum ([`sqlstate`]), quoting ([`quote`]) and the
+//! names pgmm gives its objects ([`names`]).
 
 use std::str::FromStr;
 
@@ -12,6 +13,9 @@ use names::CAPTURE_SETTING;
 pub mod names;
 pub mod pool;
 pub mod quote;
+pub mod sqlstate;
+
+pub use sqlstate::SqlState;
 
 /// No connection to the local Postgres.
 #[derive(Debug, Error)]
@@ -33,8 +37,9 @@ pub enum ConnectError {
     },
 }
 
-impl ConnectError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for ConnectError {
+    /// connection_failure, whether Postgres refused or the pool had no connection to give.
+    fn sqlstate(&self) -> &str {
         "08006"
     }
 }

@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::config::table::TableName;
 use crate::pg::names::{DDL_MESSAGE_PREFIX, VERSION_MESSAGE_PREFIX};
+use crate::pg::SqlState;
 use crate::replication::ddl::{DdlMessage, Picked, Statements};
 use crate::replication::pgoutput::{Begin, Datum, Lsn, Message, Relation, RelationCache, Tuple};
 
@@ -208,9 +209,9 @@ pub enum AssembleError {
     BadDdlMessage,
 }
 
-impl AssembleError {
+impl SqlState for AssembleError {
     /// `08P01` (protocol_violation): the decoder's output broke the protocol's framing.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "08P01"
     }
 }

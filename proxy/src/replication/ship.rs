@@ -25,6 +25,7 @@ use crate::config::{PeerEntry, PostgresConfig};
 use crate::pg::names::origin_name;
 use crate::pg::names::PUBLICATION;
 use crate::pg::pg_error_text;
+use crate::pg::sqlstate::{self, SqlState};
 use crate::replication::changeset::{
     AssembleError, Assembled, Assembler, CapturedTx, Change, ChangeSet,
 };
@@ -92,19 +93,19 @@ impl ShipError {
             ShipError::Fill(_) | ShipError::FillConnect(_) => "fill",
         }
     }
+}
 
-    pub fn sqlstate(&self) -> String {
+impl SqlState for ShipError {
+    fn sqlstate(&self) -> &str {
         match self {
-            ShipError::Link(e) => e.sqlstate().into(),
-            ShipError::Frame(e) => e.sqlstate().into(),
-            ShipError::LinkClosed | ShipError::StreamEnded => "08006".into(),
-            ShipError::DdlUnsupported { .. } => "0A000".into(),
-            ShipError::Slot(e) => e.sqlstate().into(),
-            ShipError::Decode(e) => e.sqlstate().into(),
-            ShipError::Assemble(e) => e.sqlstate().into(),
-            ShipError::Fill(FillError(e)) | ShipError::FillConnect(e) => e
-                .code()
-                .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
+            ShipError::Link(e) => e.sqlstate(),
+            ShipError::Frame(e) => e.sqlstate(),
+            ShipError::LinkClosed | ShipError::StreamEnded => "08006",
+            ShipError::DdlUnsupported { .. } => "0A000",
+            ShipError::Slot(e) => e.sqlstate(),
+            ShipError::Decode(e) => e.sqlstate(),
+            ShipError::Assemble(e) => e.sqlstate(),
+            ShipError::Fill(FillError(e)) | ShipError::FillConnect(e) => sqlstate::of_pg_error(e),
         }
     }
 }

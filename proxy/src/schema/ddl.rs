@@ -24,7 +24,7 @@ use thiserror::Error;
 use tokio_postgres::GenericClient;
 
 use crate::config::ReplicationConfig;
-use crate::pg::pg_error_text;
+use crate::pg::{pg_error_text, SqlState};
 
 pub use crate::pg::names::{CAPTURE_SETTING, DDL_MESSAGE_PREFIX};
 
@@ -40,8 +40,8 @@ pub enum DdlCaptureError {
     Database(#[source] tokio_postgres::Error),
 }
 
-impl DdlCaptureError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for DdlCaptureError {
+    fn sqlstate(&self) -> &str {
         match self {
             DdlCaptureError::NotSuperuser(_) => "42501",
             DdlCaptureError::Database(_) => "58000",

@@ -20,6 +20,7 @@ use crate::config::table::TableName;
 use crate::config::ReplicationConfig;
 use crate::pg::pg_error_text;
 use crate::pg::quote::{readable_ident, readable_table};
+use crate::pg::SqlState;
 
 pub use crate::pg::names::PUBLICATION;
 
@@ -122,17 +123,19 @@ pub enum EnrolError {
     Database(#[from] tokio_postgres::Error),
 }
 
-impl EnrolError {
+impl SqlState for EnrolError {
     /// `55000` (object_not_in_prerequisite_state) for a table or publication that must be fixed
     /// by the operator; `08006` for a lost connection, `58000` for another server error.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         match self {
             EnrolError::Database(e) if e.is_closed() => "08006",
             EnrolError::Database(_) => "58000",
             _ => "55000",
         }
     }
+}
 
+impl EnrolError {
     /// The table the error is about, if it is about one.
     pub fn table(&self) -> Option<&TableName> {
         match self {

@@ -26,6 +26,7 @@ use crate::config::table::TableName;
 use crate::config::OwnerSpec;
 use crate::pg::pg_error_text;
 use crate::pg::quote::qualified;
+use crate::pg::SqlState;
 use crate::schema::enrol::EnrolledTable;
 
 pub use crate::pg::names::VERSION_MESSAGE_PREFIX;
@@ -61,9 +62,9 @@ pub enum GuardError {
     },
 }
 
-impl GuardError {
+impl SqlState for GuardError {
     /// `55000` for a table the operator must fix, `58000` for a failed statement.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         match self {
             GuardError::KeyType { .. } | GuardError::NoOwnerColumn { .. } => "55000",
             GuardError::Install { .. } | GuardError::Sequence { .. } => "58000",

@@ -13,6 +13,7 @@ use thiserror::Error;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::config::PostgresConfig;
+use crate::pg::SqlState;
 use crate::pg::{self, pg_error_text, ConnectError};
 
 /// One numbered SQL file from `migrations/`.
@@ -100,13 +101,13 @@ pub enum MigrateError {
     Database(#[from] tokio_postgres::Error),
 }
 
-impl MigrateError {
+impl SqlState for MigrateError {
     /// A category code: connection failures are `08006`, a too-new schema `55000`
     /// (object_not_in_prerequisite_state); anything Postgres refused is `58000`, with the
     /// server's own code in the message.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         match self {
-            MigrateError::Connect(_) => "08006",
+            MigrateError::Connect(e) => e.sqlstate(),
             MigrateError::NewerSchema { .. } => "55000",
             MigrateError::Apply { source, .. } | MigrateError::Database(source)
                 if source.is_closed() =>

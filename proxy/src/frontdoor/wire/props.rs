@@ -4,12 +4,13 @@
 //!
 //! Each case runs from its own seed, printed when the case fails; `PGMM_PROP_SEED=<seed>` replays
 //! exactly that case. Without it the base seed comes from the clock, so every run explores new
-//! inputs. A small xorshift generator keeps this free of dependencies.
+//! inputs. The numbers come from `fastrand`, seeded.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use fastrand::Rng;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::*;
@@ -17,49 +18,32 @@ use super::*;
 /// Protocol 3.0's startup code; the reader accepts any 3.x.
 const PROTOCOL_3: u32 = PROTOCOL_MAJOR_3 << 16;
 
-/// xorshift64*: fast, and more than random enough to pick lengths and bytes.
-struct Rng(u64);
+/// What the generators draw beyond `fastrand`'s own numbers.
+trait Draw {
+    fn chance(&mut self, one_in: usize) -> bool;
+    fn bytes(&mut self, n: usize) -> Vec<u8>;
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T;
+    /// A length biased towards the edges where framing bugs live.
+    fn edgy_u32(&mut self) -> u32;
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed: neighbouring seeds give unrelated streams, and 0 is fine.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
+impl Draw for Rng {
     fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
+        self.usize(..one_in) == 0
     }
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
+        let mut v = vec![0; n];
+        self.fill(&mut v);
+        v
     }
 
     fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len())]
+        from[self.usize(..from.len())]
     }
 
-    /// A length biased towards the edges where framing bugs live.
     fn edgy_u32(&mut self) -> u32 {
-        match self.below(6) {
+        match self.usize(..6) {
             0 => self.pick(&[0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17]),
             1 => self.pick(&[
                 MAX_STARTUP_LEN as u32 - 1,
@@ -70,9 +54,9 @@ impl Rng {
                 u32::MAX,
                 0x8000_0000,
             ]),
-            2 => self.below(64) as u32,
-            3 => self.below(MAX_STARTUP_LEN + 64) as u32,
-            _ => self.next() as u32,
+            2 => self.u32(..64),
+            3 => self.usize(..MAX_STARTUP_LEN + 64) as u32,
+            _ => self.u32(..),
         }
     }
 }
@@ -96,7 +80,7 @@ fn check(name: &str, cases: u64, case: impl Fn(&mut Rng)) {
     };
     for i in 0..cases {
         let seed = base.wrapping_add(i);
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| case(&mut Rng::new(seed))));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| case(&mut Rng::with_seed(seed))));
         if let Err(cause) = outcome {
             eprintln!(
                 "property {name} failed for seed {seed:#x}; replay: PGMM_PROP_SEED={seed:#x}"
@@ -138,7 +122,7 @@ fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
 
 /// A valid StartupMessage with random parameters, or one of the special requests.
 fn valid_startup(rng: &mut Rng) -> Vec<u8> {
-    let code = match rng.below(5) {
+    let code = match rng.usize(..5) {
         0 => SSL_REQUEST,
         1 => GSSENC_REQUEST,
         2 => CANCEL_REQUEST,
@@ -149,12 +133,12 @@ fn valid_startup(rng: &mut Rng) -> Vec<u8> {
     match code {
         CANCEL_REQUEST => packet.extend(rng.bytes(8)),
         PROTOCOL_3 => {
-            for _ in 0..rng.below(5) {
+            for _ in 0..rng.usize(..5) {
                 let key = rng.pick(&["user", "database", "application_name", "options", "x"]);
                 packet.extend_from_slice(key.as_bytes());
                 packet.push(0);
-                let value: Vec<u8> = (0..rng.below(40))
-                    .map(|_| b'a' + rng.below(26) as u8)
+                let value: Vec<u8> = (0..rng.usize(..40))
+                    .map(|_| b'a' + rng.usize(..26) as u8)
                     .collect();
                 packet.extend(value);
                 packet.push(0);
@@ -170,24 +154,24 @@ fn valid_startup(rng: &mut Rng) -> Vec<u8> {
 
 /// Random bytes, a random header over a random body, or a valid packet mutated.
 fn startup_input(rng: &mut Rng) -> Vec<u8> {
-    match rng.below(3) {
+    match rng.usize(..3) {
         0 => {
-            let n = rng.below(40);
+            let n = rng.usize(..40);
             rng.bytes(n)
         }
         1 => {
             let mut v = rng.edgy_u32().to_be_bytes().to_vec();
-            let code = match rng.below(5) {
+            let code = match rng.usize(..5) {
                 0 => rng.pick(&[SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST, PROTOCOL_3]),
-                1 => (3 << 16) | rng.below(8) as u32,
-                2 => (rng.below(8) as u32) << 16,
-                _ => rng.next() as u32,
+                1 => (3 << 16) | rng.usize(..8) as u32,
+                2 => (rng.usize(..8) as u32) << 16,
+                _ => rng.u32(..),
             };
             v.extend_from_slice(&code.to_be_bytes());
             let body = if rng.chance(8) {
-                rng.below(MAX_STARTUP_LEN + 16)
+                rng.usize(..MAX_STARTUP_LEN + 16)
             } else {
-                rng.below(64)
+                rng.usize(..64)
             };
             v.extend(rng.bytes(body));
             v
@@ -202,27 +186,27 @@ fn startup_input(rng: &mut Rng) -> Vec<u8> {
 
 /// A few random edits: flipped or replaced bytes, a cut, an insertion, trailing bytes.
 fn mutate(rng: &mut Rng, v: &mut Vec<u8>) {
-    for _ in 0..=rng.below(3) {
-        match rng.below(5) {
+    for _ in 0..=rng.usize(..3) {
+        match rng.usize(..5) {
             0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
+                let i = rng.usize(..v.len());
+                v[i] ^= 1 << rng.usize(..8);
             }
             1 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.byte();
+                let i = rng.usize(..v.len());
+                v[i] = rng.u8(..);
             }
             2 if !v.is_empty() => {
-                let cut = rng.below(v.len());
+                let cut = rng.usize(..v.len());
                 v.truncate(cut);
             }
             3 => {
-                let i = rng.below(v.len() + 1);
-                let b = rng.byte();
+                let i = rng.usize(..v.len() + 1);
+                let b = rng.u8(..);
                 v.insert(i, b);
             }
             _ => {
-                let n = rng.below(16);
+                let n = rng.usize(..16);
                 v.extend(rng.bytes(n));
             }
         }
@@ -288,7 +272,7 @@ fn startup_reader_never_panics_and_reads_exactly_its_packet() {
             }
         }
         // The same bytes in random pieces: the same answer.
-        let chunks = (0..rng.below(12)).map(|_| rng.below(10)).collect();
+        let chunks = (0..rng.usize(..12)).map(|_| rng.usize(..10)).collect();
         let mut chunked = Chunked {
             data: &input,
             chunks,
@@ -312,30 +296,30 @@ fn wire_request(code: u32) -> [u8; 8] {
 /// a bad header or random bytes spliced in.
 fn message_stream(rng: &mut Rng) -> Vec<u8> {
     if rng.chance(4) {
-        let n = rng.below(200);
+        let n = rng.usize(..200);
         return rng.bytes(n);
     }
     let mut v = Vec::new();
-    for _ in 0..rng.below(20) {
+    for _ in 0..rng.usize(..20) {
         let kind = rng.pick(b"QPBEDSHXCcdfF1Z");
         // Sizes past 255 and 65535 put non-zero bytes in every position of the length field.
-        let body = match rng.below(30) {
-            0 => rng.below(70_000),
-            1..=6 => rng.below(2_000),
-            _ => rng.below(64),
+        let body = match rng.usize(..30) {
+            0 => rng.usize(..70_000),
+            1..=6 => rng.usize(..2_000),
+            _ => rng.usize(..64),
         };
         v.push(kind);
         v.extend_from_slice(&((body + 4) as u32).to_be_bytes());
         v.extend(rng.bytes(body));
     }
     if rng.chance(3) {
-        let at = rng.below(v.len() + 1);
-        let mut bad = vec![rng.byte()];
+        let at = rng.usize(..v.len() + 1);
+        let mut bad = vec![rng.u8(..)];
         bad.extend_from_slice(&rng.edgy_u32().to_be_bytes());
         v.splice(at..at, bad);
     }
     if rng.chance(4) && !v.is_empty() {
-        let cut = rng.below(v.len());
+        let cut = rng.usize(..v.len());
         v.truncate(cut);
     }
     v
@@ -374,10 +358,10 @@ fn boundary_tracker_finds_the_same_headers_however_the_stream_is_split() {
         let mut failed = false;
         let mut rest = &stream[..];
         while !rest.is_empty() {
-            let n = match rng.below(4) {
-                0 => rng.below(6),
-                1 => rng.below(64),
-                2 => rng.below(9000),
+            let n = match rng.usize(..4) {
+                0 => rng.usize(..6),
+                1 => rng.usize(..64),
+                2 => rng.usize(..9000),
                 _ => rest.len(),
             }
             .min(rest.len());
@@ -403,7 +387,7 @@ fn body_decoders_never_panic_and_agree_with_the_bytes() {
             let (body, expected) = bind_body(rng);
             (body, Some(expected))
         } else {
-            let n = rng.below(80);
+            let n = rng.usize(..80);
             (rng.bytes(n), None)
         };
         let mut body = body;
@@ -456,23 +440,23 @@ fn body_decoders_never_panic_and_agree_with_the_bytes() {
 #[test]
 fn parse_bodies_decode_to_their_name_and_text() {
     check("parse", 5_000, |rng| {
-        let name: String = (0..rng.below(10))
-            .map(|_| char::from(b'a' + rng.below(26) as u8))
+        let name: String = (0..rng.usize(..10))
+            .map(|_| char::from(b'a' + rng.usize(..26) as u8))
             .collect();
-        let sql: String = (0..rng.below(100))
+        let sql: String = (0..rng.usize(..100))
             .map(|_| rng.pick(&['s', 'e', 'l', ' ', '1', 'é', '\'', ';']))
             .collect();
         let mut body = name.as_bytes().to_vec();
         body.push(0);
         body.extend_from_slice(sql.as_bytes());
         body.push(0);
-        let types = rng.below(4) as i16;
+        let types = rng.usize(..4) as i16;
         body.extend_from_slice(&types.to_be_bytes());
         for _ in 0..types {
-            body.extend_from_slice(&(rng.next() as u32).to_be_bytes());
+            body.extend_from_slice(&rng.u32(..).to_be_bytes());
         }
         assert_eq!(parse_text(&body), Some((name.as_str(), sql.as_str())));
-        let cut = rng.below(name.len() + sql.len() + 2);
+        let cut = rng.usize(..name.len() + sql.len() + 2);
         assert_eq!(parse_text(&body[..cut]), None, "cut at {cut}");
     });
 }
@@ -482,14 +466,14 @@ type Expected = (String, Vec<(Option<Vec<u8>>, bool)>);
 /// A valid Bind body with random names, format codes and parameters, and its decoding.
 fn bind_body(rng: &mut Rng) -> (Vec<u8>, Expected) {
     let name = |rng: &mut Rng| -> String {
-        (0..rng.below(8))
-            .map(|_| char::from(b'a' + rng.below(26) as u8))
+        (0..rng.usize(..8))
+            .map(|_| char::from(b'a' + rng.usize(..26) as u8))
             .collect()
     };
     let portal = name(rng);
     let statement = name(rng);
-    let n = rng.below(6);
-    let formats: Vec<bool> = match rng.below(3) {
+    let n = rng.usize(..6);
+    let formats: Vec<bool> = match rng.usize(..3) {
         0 => Vec::new(),
         1 => vec![rng.chance(2)],
         _ => (0..n).map(|_| rng.chance(2)).collect(),
@@ -514,17 +498,17 @@ fn bind_body(rng: &mut Rng) -> (Vec<u8>, Expected) {
             body.extend_from_slice(&(-1i32).to_be_bytes());
             params.push((None, binary));
         } else {
-            let len = rng.below(20);
+            let len = rng.usize(..20);
             let value = rng.bytes(len);
             body.extend_from_slice(&(len as i32).to_be_bytes());
             body.extend_from_slice(&value);
             params.push((Some(value), binary));
         }
     }
-    let results = rng.below(3) as i16;
+    let results = rng.usize(..3) as i16;
     body.extend_from_slice(&results.to_be_bytes());
     for _ in 0..results {
-        body.extend_from_slice(&(rng.below(2) as i16).to_be_bytes());
+        body.extend_from_slice(&(rng.usize(..2) as i16).to_be_bytes());
     }
     (body, (statement, params))
 }

@@ -52,6 +52,7 @@ use crate::config::owners::{OwnerRules, Verdict};
 use crate::config::table::TableName;
 use crate::config::{OwnerSpec, PostgresConfig, ReplicationConfig};
 use crate::pg::pg_error_text;
+use crate::pg::sqlstate::{self, SqlState};
 use crate::replication::changeset::{Change, ChangeSet, TableDesc};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::pgoutput::{format_lsn, parse_lsn, Datum, Lsn};
@@ -115,31 +116,30 @@ pub enum ApplyError {
     Enrol(String),
 }
 
-impl ApplyError {
+impl SqlState for ApplyError {
     /// The server's SQLSTATE for database failures (e.g. 42703 for a column missing here);
     /// `55006` for a busy origin, `55000` for an unreplicated table, `08P01` for bad input.
-    pub fn sqlstate(&self) -> String {
+    fn sqlstate(&self) -> &str {
         match self {
-            ApplyError::Connect(_) => "08006".into(),
-            ApplyError::OriginBusy { .. } => "55006".into(),
-            ApplyError::NotReplicated { .. } => "55000".into(),
-            ApplyError::Enrol(_) => "55000".into(),
+            ApplyError::Connect(_) => "08006",
+            ApplyError::OriginBusy { .. } => "55006",
+            ApplyError::NotReplicated { .. } | ApplyError::Enrol(_) => "55000",
             ApplyError::Statement { source, .. }
             | ApplyError::Database { source, .. }
-            | ApplyError::Ddl { source, .. } => source
-                .code()
-                .map_or_else(|| "08006".into(), |c| c.code().to_owned()),
-            ApplyError::Malformed(_) => "08P01".into(),
+            | ApplyError::Ddl { source, .. } => sqlstate::of_pg_error(source),
+            ApplyError::Malformed(_) => "08P01",
         }
     }
+}
 
+impl ApplyError {
     /// A failure a second attempt in the same session can cure: a local write raced with the
     /// batch (see [`crate::replication::metrics::RETRIED_SQLSTATES`]).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             ApplyError::Statement { .. } | ApplyError::Database { .. }
-        ) && crate::replication::metrics::RETRIED_SQLSTATES.contains(&self.sqlstate().as_str())
+        ) && crate::replication::metrics::RETRIED_SQLSTATES.contains(&self.sqlstate())
     }
 
     fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
@@ -513,7 +513,7 @@ impl Applier {
                     attempt += 1;
                     self.metrics
                         .apply_retries
-                        .with_label_values(&[self.origin_node.as_str(), sqlstate.as_str()])
+                        .with_label_values(&[self.origin_node.as_str(), sqlstate])
                         .inc();
                     tracing::debug!(origin = %self.origin_node, %sqlstate, attempt, "apply batch rolled back by a concurrent local write; applying it again");
                     tokio::time::sleep(pause).await;

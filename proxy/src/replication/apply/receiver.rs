@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,6 +21,8 @@ use super::{origin_name, Applier, ApplyError, BatchError, Path, RemoteTx};
 use crate::config::owners::OwnerRules;
 use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::pg::pg_error_text;
+use crate::pg::pool::{self, Pool};
+use crate::pg::SqlState;
 use crate::replication::changeset::{Change, ChangeSet};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
@@ -46,38 +47,31 @@ const MAX_BATCH: usize = 1024;
 const ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(15);
 
 /// Reads the progress record (`pgmm.applied`, the one an aborted apply cannot move) for the
-/// handshake, over one lazily (re)opened session.
+/// handshake, on a connection from pgmm's pool.
 #[derive(Clone)]
 pub struct OriginProgress {
     pg: PostgresConfig,
-    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+    pool: Pool,
 }
 
 impl OriginProgress {
-    pub fn new(pg: PostgresConfig) -> Self {
-        OriginProgress {
-            pg,
-            client: Arc::new(tokio::sync::Mutex::new(None)),
-        }
+    pub fn new(pg: PostgresConfig, pool: Pool) -> Self {
+        OriginProgress { pg, pool }
     }
 
     /// The end LSN (on `node`) of the last transaction from `node` committed here; 0 if none.
-    pub async fn get(&self, node: &str) -> Result<Lsn, tokio_postgres::Error> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = tokio_postgres::connect(&self.pg.url, NoTls).await?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            *guard = Some(client);
-        }
-        let client = guard.as_ref().expect("just connected");
+    /// The error is the text an operator reads (the peer is told it, refused as unavailable).
+    pub async fn get(&self, node: &str) -> Result<Lsn, String> {
+        let client = pool::get(&self.pool, &self.pg)
+            .await
+            .map_err(|e| e.to_string())?;
         let row = client
             .query_opt(
                 "SELECT end_lsn::text FROM pgmm.applied WHERE origin = $1",
                 &[&node],
             )
-            .await?;
+            .await
+            .map_err(|e| pg_error_text(&e))?;
         let text: Option<String> = row.map(|r| r.get(0));
         Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
     }
@@ -91,11 +85,7 @@ impl ResumeSource for OriginProgress {
     {
         let origin = origin.to_owned();
         let this = self.clone();
-        async move {
-            this.get(&origin)
-                .await
-                .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(pg_error_text(&e)))
-        }
+        async move { this.get(&origin).await.map_err(Into::into) }
     }
 }
 
@@ -135,13 +125,15 @@ pub struct Receiver {
 }
 
 /// What a [`Receiver`] is made of, named: the node's identity and cluster, its TLS, its
-/// Postgres and `[replication]` settings, metrics, the ownership rules, the shippers to wake
+/// Postgres (and pgmm's pool of connections to it) and `[replication]` settings, metrics, the ownership rules, the shippers to wake
 /// when their peer links in, and `[peer] max_pending_handshakes`.
 pub struct ReceiverSetup {
     pub identity: PeerIdentity,
     pub nodes: Vec<String>,
     pub tls: Option<ServerTls>,
     pub postgres: PostgresConfig,
+    /// pgmm's pool, for reading the progress record in handshakes.
+    pub pool: Pool,
     pub replication: ReplicationConfig,
     pub peer_metrics: PeerMetrics,
     pub metrics: ReplicationMetrics,
@@ -157,6 +149,7 @@ impl Receiver {
             nodes,
             tls,
             postgres,
+            pool,
             replication,
             peer_metrics,
             metrics,
@@ -170,7 +163,7 @@ impl Receiver {
             identity,
             nodes,
             tls,
-            progress: OriginProgress::new(postgres.clone()),
+            progress: OriginProgress::new(postgres.clone(), pool),
             postgres,
             replication,
             peer_metrics,
@@ -455,7 +448,7 @@ impl Receiver {
         if self
             .metrics
             .stalls
-            .failed(node, &table, &sqlstate, &e.to_string())
+            .failed(node, &table, sqlstate, &e.to_string())
         {
             tracing::error!(
                 peer = %node,
@@ -464,7 +457,7 @@ impl Receiver {
                 error = %e,
                 retry_in_seconds = pause.as_secs(),
                 "changes from the peer cannot be applied here and wait (nothing is skipped): {}",
-                stall_fix(e, &sqlstate)
+                stall_fix(e, sqlstate)
             );
         } else {
             tracing::debug!(peer = %node, %sqlstate, error = %e, "apply still stalled");

@@ -5,9 +5,7 @@
 //! random half keeps the nodes of a cluster that lost a peer at the same moment from
 //! reconnecting in lockstep.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use ring::rand::{SecureRandom, SystemRandom};
+use std::time::Duration;
 
 /// First delay ceiling.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -19,8 +17,8 @@ pub struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
-    /// xorshift64* state; never zero.
-    state: u64,
+    /// Jitter needs no secrecy, only nodes that do not draw alike.
+    rng: fastrand::Rng,
 }
 
 impl Default for Backoff {
@@ -30,16 +28,9 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// Seeded from the system RNG (the clock if that fails: jitter needs no secrecy).
+    /// Seeded from `fastrand`'s per-thread generator, itself seeded per process.
     pub fn new(base: Duration, cap: Duration) -> Self {
-        let mut seed = [0u8; 8];
-        let seed = match SystemRandom::new().fill(&mut seed) {
-            Ok(()) => u64::from_le_bytes(seed),
-            Err(_) => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64),
-        };
-        Self::with_seed(base, cap, seed)
+        Self::with_seed(base, cap, fastrand::u64(..))
     }
 
     /// A reproducible sequence, for tests.
@@ -48,7 +39,7 @@ impl Backoff {
             base,
             cap: cap.max(base),
             attempt: 0,
-            state: seed | 1,
+            rng: fastrand::Rng::with_seed(seed),
         }
     }
 
@@ -58,12 +49,7 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let half = ceiling / 2;
         let span = u64::try_from((ceiling - half).as_nanos()).unwrap_or(u64::MAX);
-        let jitter = if span == 0 {
-            0
-        } else {
-            self.next_random() % (span + 1)
-        };
-        half + Duration::from_nanos(jitter)
+        half + Duration::from_nanos(self.rng.u64(..=span))
     }
 
     /// After a connection that worked: the next failure starts over from `base`.
@@ -77,15 +63,6 @@ impl Backoff {
         self.base
             .checked_mul(factor)
             .map_or(self.cap, |d| d.min(self.cap))
-    }
-
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.state = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
 

@@ -23,6 +23,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
+use crate::pg::SqlState;
 use crate::replication::changeset::ChangeSet;
 
 /// Major version of the envelope format. Bumped only for changes an older reader cannot skip;
@@ -214,8 +215,8 @@ pub enum FrameError {
     Encode(String),
 }
 
-impl FrameError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for FrameError {
+    fn sqlstate(&self) -> &str {
         match self {
             // connection_failure
             FrameError::Io(_) | FrameError::Closed | FrameError::UnexpectedEof => "08006",

@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::frame::{Body, FrameError, FrameReader, FrameWriter, RefusalKind, Welcome};
 use super::PeerIdentity;
+use crate::pg::SqlState;
 
 /// Peer protocol version this build speaks at most; the handshake settles on
 /// `min(client's, server's)` if both support it.
@@ -120,8 +121,10 @@ impl HandshakeError {
             HandshakeError::Unexpected { .. } | HandshakeError::Frame(_) => "protocol_violation",
         }
     }
+}
 
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for HandshakeError {
+    fn sqlstate(&self) -> &str {
         match self {
             // invalid_authorization_specification: who the peer is, or its credentials
             HandshakeError::AuthenticationFailed { .. }
@@ -147,7 +150,9 @@ impl HandshakeError {
             HandshakeError::Frame(e) => e.sqlstate(),
         }
     }
+}
 
+impl HandshakeError {
     /// What the other side is told, if anything, phrased from the refusing node `me`'s side.
     /// `None` for failures where the stream is unusable or the peer itself ended the exchange.
     fn refusal(&self, me: &str) -> Option<(RefusalKind, String)> {

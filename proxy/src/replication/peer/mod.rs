@@ -54,6 +54,7 @@ pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
 
 use crate::config::Config;
 use crate::observe::MetricsError;
+use crate::pg::SqlState;
 use frame::{FrameReader, FrameWriter};
 
 /// How long a connection may take from TCP connect (or accept) to the end of the handshake. A
@@ -93,8 +94,8 @@ pub enum PeerError {
     Tls(#[from] PeerTlsError),
 }
 
-impl PeerError {
-    pub fn sqlstate(&self) -> &'static str {
+impl SqlState for PeerError {
+    fn sqlstate(&self) -> &str {
         match self {
             // config_file_error
             PeerError::Secret { .. } | PeerError::NotConfigured => "F0000",

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::PeerListenConfig;
+use crate::pg::SqlState;
 
 /// Label of the keying material exported from a TLS session to bind the handshake to it.
 pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-pgmm-peer-handshake";
@@ -40,9 +41,9 @@ pub enum PeerTlsError {
     ServerName { addr: String, host: String },
 }
 
-impl PeerTlsError {
+impl SqlState for PeerTlsError {
     /// config_file_error: every one of these is found at start-up from the configuration.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "F0000"
     }
 }

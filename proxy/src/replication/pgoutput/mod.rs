@@ -50,6 +50,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::pg::SqlState;
+
 #[cfg(test)]
 mod tests;
 
@@ -131,13 +133,13 @@ fn byte_name(b: u8) -> String {
     }
 }
 
-impl DecodeError {
+impl SqlState for DecodeError {
     /// `08P01` (protocol_violation): the bytes came from the server over the replication
     /// connection and do not follow the protocol we negotiated, which is the condition PostgreSQL
     /// itself reports with this code for malformed messages. It is not `XX000` (internal error):
     /// nothing inside pgmm failed, the input did; and the connection class (`08`) tells callers
     /// the stream, not one row, is unusable.
-    pub fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> &str {
         "08P01"
     }
 }

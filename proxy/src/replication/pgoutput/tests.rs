@@ -598,36 +598,20 @@ fn malformed_messages_are_errors() {
     assert_eq!(err.to_string(), "unknown pgoutput message type 'Z' (0x5a)");
 }
 
-/// xorshift64*: deterministic, dependency-free noise for the fuzz tests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn random_bytes_never_panic() {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15);
     let tags = b"BCORYIUDTMwkKNOtbnu";
     for _ in 0..200_000 {
-        let len = rng.below(64);
-        let mut buf: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-        if len > 0 && rng.below(2) == 0 {
-            buf[0] = tags[rng.below(tags.len())];
+        let len = rng.usize(..64);
+        let mut buf: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        if len > 0 && rng.usize(..2) == 0 {
+            buf[0] = tags[rng.usize(..tags.len())];
         }
         // Small counts and lengths reach deeper than random ones.
         for byte in buf.iter_mut().skip(1) {
-            if rng.below(3) == 0 {
-                *byte = [0, 1, 2, b'n', b't', b'N', b'K'][rng.below(7)];
+            if rng.usize(..3) == 0 {
+                *byte = [0, 1, 2, b'n', b't', b'N', b'K'][rng.usize(..7)];
             }
         }
         let _ = decode(&buf);
@@ -637,16 +621,16 @@ fn random_bytes_never_panic() {
 
 #[test]
 fn mutated_fixtures_never_panic() {
-    let mut rng = Rng(42);
+    let mut rng = fastrand::Rng::with_seed(42);
     for msg in all_fixture_messages()
         .into_iter()
         .filter(|m| m.len() < 4096)
     {
         for _ in 0..300 {
             let mut buf = msg.clone();
-            for _ in 0..=rng.below(3) {
-                let i = rng.below(buf.len());
-                buf[i] = rng.next() as u8;
+            for _ in 0..=rng.usize(..3) {
+                let i = rng.usize(..buf.len());
+                buf[i] = rng.u8(..);
             }
             let _ = decode(&buf);
         }

@@ -605,6 +605,8 @@ mod tests {
     use bytes::{Buf, BufMut};
     use tokio::io::{duplex, DuplexStream};
 
+    use crate::pg::SqlState;
+
     /// A backend message: tag, length, body.
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];

@@ -15,6 +15,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::pg::quote::{replication_ident, replication_literal};
+use crate::pg::SqlState;
 
 pub use conn::{ReplicationConn, ReplicationStream};
 
@@ -45,10 +46,10 @@ pub enum ReplicationError {
     SlotExists,
 }
 
-impl ReplicationError {
-    /// The SQLSTATE: the server's for [`ReplicationError::Server`], the closest class otherwise, so
-    /// that logs and metrics can use one vocabulary for local and server-side failures.
-    pub fn sqlstate(&self) -> &str {
+impl SqlState for ReplicationError {
+    /// The server's for [`ReplicationError::Server`], the closest class otherwise, so that logs
+    /// and metrics can use one vocabulary for local and server-side failures.
+    fn sqlstate(&self) -> &str {
         match self {
             // sqlclient_unable_to_establish_sqlconnection
             ReplicationError::Config(_) => "08001",
