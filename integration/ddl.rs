@@ -163,6 +163,27 @@ fn ddl_sent_straight_to_postgres_replicates_once_with_its_own_statements() {
         "INSERT INTO m (id, v, note) VALUES (3, 'three', 'from b')",
     );
     c.wait_converged("m", 3);
+    // An application role, not a superuser, changes the schema through the front door: its
+    // table and rows replicate, owned by it on every node (roles do not replicate: made on each).
+    c.exec_all("CREATE ROLE app LOGIN PASSWORD 'app_pw'");
+    c.exec(0, "GRANT CREATE ON SCHEMA public TO app");
+    let app = harness::Db::connect(&format!(
+        "{} password=app_pw",
+        c.pgmm(0).conninfo("app", "postgres")
+    ));
+    app.execute(
+        "BEGIN; CREATE TABLE app_t (id int PRIMARY KEY, updated_at timestamptz NOT NULL \
+         DEFAULT now()); INSERT INTO app_t (id) VALUES (1); COMMIT",
+    )
+    .unwrap();
+    c.wait_converged("app_t", 1);
+    assert_eq!(
+        c.scalar(
+            1,
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'app_t'"
+        ),
+        "app"
+    );
     // Temporary objects and pgmm's own schema stay local.
     c.exec(0, "CREATE TEMP TABLE scratch (x int)");
     c.exec(

@@ -165,6 +165,10 @@ BEGIN
 END
 $pgmm$;
 
+-- The trigger runs as whoever runs the DDL, and calls into schema pgmm: every role needs to
+-- look the helper up. USAGE lets it see pgmm's names, not read its tables (no grants there).
+GRANT USAGE ON SCHEMA pgmm TO PUBLIC;
+
 DO $pgmm$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgmm_ddl') THEN
     CREATE EVENT TRIGGER pgmm_ddl ON ddl_command_end EXECUTE FUNCTION pgmm.capture_ddl();
