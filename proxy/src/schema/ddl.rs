@@ -127,7 +127,9 @@ CREATE OR REPLACE FUNCTION pgmm.capture_drop() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgmm$
 BEGIN
   PERFORM set_config('pgmm.dropped',
-    CASE WHEN bool_and(d.is_temporary OR d.schema_name = 'pgmm') THEN 'local' ELSE '' END, true)
+    -- coalesce: an object outside any schema (NULL) is not local, and bool_and skips NULLs.
+    CASE WHEN bool_and(d.is_temporary OR coalesce(d.schema_name = 'pgmm', false))
+         THEN 'local' ELSE '' END, true)
   FROM pg_event_trigger_dropped_objects() d;
 END
 $pgmm$;
