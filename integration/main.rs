@@ -12,6 +12,7 @@ mod ddl;
 mod demo;
 mod front_door;
 mod large_transactions;
+mod membership;
 mod migrate;
 mod peer_port;
 mod replication;

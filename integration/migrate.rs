@@ -91,7 +91,13 @@ async fn migrate_creates_the_schema_once() {
     .await;
     assert_eq!(
         tables,
-        ["applied", "conflicts", "schema_version", "tombstones"]
+        [
+            "applied",
+            "conflicts",
+            "join_state",
+            "schema_version",
+            "tombstones"
+        ]
     );
     let conflict_columns = strings(
         &client,

@@ -760,18 +760,9 @@ fn an_update_or_delete_of_a_row_missing_on_the_peer_is_recorded() {
 #[test]
 fn a_node_on_15_and_a_node_on_18_replicate_both_ways_while_both_take_writes() {
     let _heavy = heavy_lock();
-    let major = |m: u32| {
-        harness::bindir_of_major(m).unwrap_or_else(|| {
-            panic!("PostgreSQL {m} is not installed: run .ci/install-postgres (16-18) or apt-get install postgresql (15)")
-        })
-    };
-    let on = |dir| NodeOverride {
-        pg_bindir: Some(dir),
-        ..NodeOverride::default()
-    };
     let opts = ClusterOptions::default()
-        .with_override("a", on(major(15)))
-        .with_override("b", on(major(18)));
+        .with_major("a", 15)
+        .with_major("b", 18);
     let mut c = TestCluster::prepare(2, opts);
     assert!(c.pg(0).version().contains(" 15."), "{}", c.pg(0).version());
     assert!(c.pg(1).version().contains(" 18."), "{}", c.pg(1).version());

@@ -63,6 +63,20 @@ impl ClusterOptions {
         self.overrides.insert(node.into(), o);
         self
     }
+
+    /// These options with `node` on PostgreSQL `major` (15 from Debian, 16-18 from
+    /// `.ci/install-postgres`); panics saying how to install it when it is missing.
+    pub fn with_major(self, node: &str, major: u32) -> Self {
+        let dir = super::bindir_of_major(major).unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL {major} is not installed: run .ci/install-postgres (16-18) or \
+                 apt-get install postgresql (15)"
+            )
+        });
+        let mut o = self.overrides.get(node).cloned().unwrap_or_default();
+        o.pg_bindir = Some(dir);
+        self.with_override(node, o)
+    }
 }
 
 /// What one node does differently from the rest of its cluster.
@@ -226,6 +240,46 @@ impl TestCluster {
             ports: Some(self.ports[i]),
             extra_toml,
             client_toml: String::new(),
+            node_toml: String::new(),
+        }
+    }
+
+    /// The options of node `i` in a cluster of only the nodes `members` (indexes; a node
+    /// joining or leaving), with `[node] join_from` when `join_from` is given.
+    pub fn member_options(
+        &self,
+        i: usize,
+        members: &[usize],
+        join_from: Option<&str>,
+    ) -> PgmmOptions {
+        let mut opts = self.pgmm_options(i);
+        opts.nodes = members
+            .iter()
+            .map(|&j| self.nodes[j].name.clone())
+            .collect();
+        if let Some(peer) = opts.peer.as_mut() {
+            peer.peers.retain(|(name, _)| opts.nodes.contains(name));
+        }
+        if let Some(donor) = join_from {
+            opts.node_toml = format!("join_from = \"{donor}\"\n");
+        }
+        opts
+    }
+
+    /// Stops node `i`'s pgmm (if any) and launches it with `opts`, without waiting for it.
+    pub fn launch_pgmm_with(&mut self, i: usize, opts: PgmmOptions) {
+        if let Some(mut old) = self.nodes[i].pgmm.take() {
+            old.terminate();
+            old.wait_exit(Duration::from_secs(60));
+        }
+        self.nodes[i].pgmm = Some(Pgmm::launch(&self.nodes[i].pg, opts));
+    }
+
+    /// [`TestCluster::launch_pgmm_with`], then waits until it serves clients.
+    pub fn start_pgmm_with(&mut self, i: usize, opts: PgmmOptions) {
+        self.launch_pgmm_with(i, opts);
+        if let Err(failure) = self.pgmm_mut(i).wait_ready() {
+            failure.panic();
         }
     }
 

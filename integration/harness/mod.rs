@@ -14,8 +14,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use cluster::{ClusterOptions, Db, NodeOverride, TestCluster};
-pub use pgmm_process::{http_get, PeerOptions, Pgmm, PgmmOptions, PgmmPorts};
+pub use cluster::{ClusterOptions, Db, NodeOverride, TestCluster, WAIT};
+pub use pgmm_process::{http_get, metric_value, PeerOptions, Pgmm, PgmmOptions, PgmmPorts};
 pub use postgres::{
     bindir_of_major, pg_bindir, pg_major, PgCluster, PgOptions, MD5_USER, SCRAM_USER,
 };

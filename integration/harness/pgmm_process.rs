@@ -34,6 +34,8 @@ pub struct PgmmOptions {
     pub extra_toml: String,
     /// Lines added verbatim to `[client]` (`startup_timeout_seconds = 1`, ...).
     pub client_toml: String,
+    /// Lines added verbatim to `[node]` (`join_from = "a"`).
+    pub node_toml: String,
 }
 
 impl Default for PgmmOptions {
@@ -48,6 +50,7 @@ impl Default for PgmmOptions {
             ports: None,
             extra_toml: String::new(),
             client_toml: String::new(),
+            node_toml: String::new(),
         }
     }
 }
@@ -291,7 +294,7 @@ impl Pgmm {
     ) -> String {
         let mut c = String::new();
         let nodes: Vec<String> = opts.nodes.iter().map(|n| q(n)).collect();
-        let _ = writeln!(c, "[node]\nname = {}\n", q(&opts.node));
+        let _ = writeln!(c, "[node]\nname = {}\n{}", q(&opts.node), opts.node_toml);
         let _ = writeln!(
             c,
             "[cluster]\nname = {}\nnodes = [{}]\n",

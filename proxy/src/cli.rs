@@ -46,6 +46,25 @@ pub enum Command {
         #[arg(long)]
         workload: bool,
     },
+    /// Compare every replicated table across the nodes (hashes by key range, narrowed down to
+    /// rows) while writes go on; report the rows that differ with each node's version. Exit 0
+    /// only when all agree (1: a table differs; 3: a node could not be compared).
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Copy one table again onto this node from a node that has it right (the repair for a
+    /// table `pgmm check` reports).
+    Resync {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The table, as schema.table (unqualified: public).
+        #[arg(long)]
+        table: String,
+        /// The node to copy it from.
+        #[arg(long, value_name = "NODE")]
+        from: String,
+    },
     /// Show a running node's view: peers up or down, replication lag, retained WAL, conflicts
     /// and ownership refusals of the last hour, schema version. Exit 3 if it is not running.
     Status {
@@ -68,7 +87,7 @@ pub fn main() -> ExitCode {
             "warn,pgmm::replication::ship=error,pgmm::replication::peer=error,\
              pgmm::replication::apply::receiver=error"
         }
-        Command::Status { .. } => "warn",
+        Command::Status { .. } | Command::Check { .. } | Command::Resync { .. } => "warn",
         _ => "info",
     });
     match cli.command {
@@ -76,6 +95,12 @@ pub fn main() -> ExitCode {
         Command::Demo { nodes, workload } => commands::demo::main(nodes, workload),
         Command::Status { config, json } => commands::status::main(&config, json),
         Command::Migrate { config } => commands::migrate::main(&config),
+        Command::Check { config } => commands::check::main(&config),
+        Command::Resync {
+            config,
+            table,
+            from,
+        } => commands::check::resync_main(&config, &table, &from),
         Command::Serve { config } => commands::serve::main(&config),
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! - [`cli`]: the command line (clap types, dispatch), called by `main.rs`.
 //! - [`commands`]: process glue for each subcommand (`serve`, `check-config`, `migrate`,
-//!   `status`, `demo`): config, runtime, exit codes.
+//!   `status`, `check`, `resync`, `demo`): config, runtime, exit codes.
 //! - [`node`]: a running node: starts the parts below in the order that loses no write, runs
 //!   its background tasks, stops them together.
 //! - The parts of a node:
@@ -15,18 +15,23 @@
 //!   - [`schema`]: what pgmm installs in the local database (its schema, the publication, the
 //!     guard triggers, the event triggers that capture DDL).
 //!   - [`observe`]: metrics registry, `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - [`membership`]: a node joining with its data copied from a donor (before the parts above
+//!   start), the slots of departed nodes dropped, and the tables compared (`pgmm check`) or
+//!   copied again (`pgmm resync`) across nodes, over the peer links' request purpose.
 //! - Shared by all of them: [`pg`] (connecting, error text, quoting, object names) and
 //!   [`config`] (the validated config file, table names, ownership rules).
 //!
 //! Dependencies point one way: `cli -> commands -> node -> {frontdoor, replication, schema} ->
 //! observe -> pg -> config`, with `replication -> schema` (apply enrols the tables a replicated
-//! schema change made). Modules are private; what the integration tests drive directly is
+//! schema change made) and `{commands, node} -> membership -> replication` (membership speaks
+//! over the peer link; replication hands request links to it through a trait it defines). Modules are private; what the integration tests drive directly is
 //! re-exported at the end.
 
 mod cli;
 mod commands;
 mod config;
 mod frontdoor;
+mod membership;
 mod node;
 mod observe;
 mod pg;

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Threads of the async runtime; 0 (the default) picks [`NodeConfig::threads`]' choice.
     pub worker_threads: usize,
+    /// `[node] join_from`: the donor a node with no data copies the replicated tables from on
+    /// its first start (`membership::join`); ignored once the join is done.
+    pub join_from: Option<String>,
 }
 
 impl NodeConfig {

@@ -50,6 +50,7 @@ struct RawConfig {
 struct RawNode {
     name: Spanned<String>,
     worker_threads: Option<usize>,
+    join_from: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +199,30 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let peers = check_peers(src, &node, &nodes, raw.peers)?;
+    let join_from = match &raw.node.join_from {
+        None => None,
+        Some(donor) => {
+            let name = donor.get_ref();
+            if *name == node {
+                return Err(src.invalid(
+                    &donor.span(),
+                    "node.join_from",
+                    "names this node itself; name the node to copy the data from",
+                ));
+            }
+            if !peers.iter().any(|p| p.name == *name) {
+                return Err(src.invalid(
+                    &donor.span(),
+                    "node.join_from",
+                    format!(
+                        "node {name:?} has no [[peers]] entry: the donor must be a peer, \
+                         reached at its [peer] listen address"
+                    ),
+                ));
+            }
+            Some(name.clone())
+        }
+    };
 
     let metrics = raw
         .metrics
@@ -218,6 +243,7 @@ fn build(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         node: NodeConfig {
             name: node,
             worker_threads: node_threads,
+            join_from,
         },
         cluster: ClusterConfig {
             name: cluster_name,

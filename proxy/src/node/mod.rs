@@ -16,6 +16,7 @@ use crate::frontdoor::metrics::FrontDoorMetrics;
 use crate::frontdoor::{self, FrontDoor, FrontDoorError};
 use crate::observe::admin::{self, Admin};
 use crate::observe::document::PeerGaugesSlot;
+use crate::observe::joining::Joining;
 use crate::observe::{self, MetricsError};
 use crate::pg::SqlState;
 
@@ -65,6 +66,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
     let registry = Arc::new(observe::new_registry()?);
     let pool = crate::pg::pool::pool(&config.postgres);
     let peer_gauges = PeerGaugesSlot::default();
+    let joining = Joining::default();
     let door_metrics = FrontDoorMetrics::register(&registry)?;
     let door = Arc::new(FrontDoor::from_config(&config, door_metrics)?);
     // Metrics first: while the node waits for its Postgres, /healthz shows the process is up
@@ -78,6 +80,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
                 refusals: door.refusals.clone(),
                 pool: pool.clone(),
                 peer_gauges: peer_gauges.clone(),
+                joining: joining.clone(),
             };
             Some(tokio::spawn(admin::serve(
                 listener,
@@ -94,6 +97,7 @@ pub async fn run_node(config: Config, shutdown: CancellationToken) -> Result<(),
         &registry,
         &pool,
         &peer_gauges,
+        &joining,
         door.ddl_seen.clone(),
         shutdown.clone(),
     )

@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::owners::OwnerRules;
 use crate::config::Config;
+use crate::membership::join::{JoinMetrics, Joiner};
+use crate::membership::{Answerer, MembershipError};
 use crate::observe::document::PeerGaugesSlot;
+use crate::observe::joining::Joining;
 use crate::observe::MetricsError;
 use crate::pg::pg_error_text;
 use crate::pg::pool::{self, Pool};
@@ -59,6 +62,8 @@ pub enum NodeError {
     WalSenderConfig(#[source] ReplicationError),
     #[error("creating replication origins: {}", pg_error_text(.0))]
     Origins(#[source] tokio_postgres::Error),
+    #[error("dropping the slots of nodes that left the cluster: {}", pg_error_text(.0))]
+    Leave(#[source] tokio_postgres::Error),
     #[error(
         "the local Postgres runs with track_commit_timestamp = off: pgmm needs it on to know \
          which node wrote a row (last-writer-wins and conflict detection); set \
@@ -83,6 +88,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("joining the cluster: {0}")]
+    Join(#[source] MembershipError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -101,13 +108,16 @@ impl SqlState for NodeError {
             NodeError::Slot { source, .. } | NodeError::WalSenderConfig(source) => {
                 source.sqlstate()
             }
-            NodeError::Origins(e) | NodeError::Settings(e) => sqlstate::of_pg_error(e),
+            NodeError::Origins(e) | NodeError::Settings(e) | NodeError::Leave(e) => {
+                sqlstate::of_pg_error(e)
+            }
             NodeError::CommitTimestamps => "55000",
             NodeError::Guard(e) => e.sqlstate(),
             NodeError::DdlCapture(e) => e.sqlstate(),
             NodeError::Peer(e) => e.sqlstate(),
             NodeError::Tls(e) => e.sqlstate(),
             NodeError::Bind { .. } | NodeError::Metrics(_) => "58000",
+            NodeError::Join(e) => e.sqlstate(),
             NodeError::Cancelled => "57P01",
         }
     }
@@ -126,6 +136,7 @@ impl ReplicationNode {
         registry: &Registry,
         pool: &Pool,
         peer_gauges: &PeerGaugesSlot,
+        joining: &Joining,
         ddl_seen: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<ReplicationNode, NodeError> {
@@ -153,22 +164,6 @@ impl ReplicationNode {
             return Err(NodeError::CommitTimestamps);
         }
         let rules = Arc::new(OwnerRules::from_config(config));
-
-        let (tables, change) = enrol::enrol(&mut client, &config.replication).await?;
-        let ctx = GuardContext {
-            node: &config.node.name,
-            conflict_column: &config.replication.conflict_column,
-            rules: &rules,
-        };
-        for table in &tables {
-            guard::install(&client, table, &ctx).await?;
-        }
-        metrics.enrolled_tables.set(tables.len() as i64);
-        tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
-        // Before the front door opens and before the slots exist: every schema change from
-        // now on is in the WAL the slots stream.
-        ddl::install(&client, &config.replication, &config.node.name).await?;
-
         let others: Vec<String> = config
             .cluster
             .nodes
@@ -184,6 +179,42 @@ impl ReplicationNode {
             )
             .await
             .map_err(NodeError::Origins)?;
+
+        let identity = PeerIdentity::from_config(config)?;
+        let tls = PeerTls::from_config(peer_listen)?;
+        let join_metrics = JoinMetrics::register(registry)?;
+        // A joining node gets its tables and rows before anything else: enrolment needs the
+        // tables, and nothing may stream to or from it before its data is all there.
+        Joiner {
+            config,
+            identity: &identity,
+            tls: tls.as_ref().map(|t| &t.client),
+            peer_metrics: &peer_metrics,
+            metrics: &join_metrics,
+            joining,
+            shutdown: &shutdown,
+        }
+        .join_if_needed(&client)
+        .await
+        .map_err(|e| match e {
+            MembershipError::Cancelled => NodeError::Cancelled,
+            e => NodeError::Join(e),
+        })?;
+
+        let (tables, change) = enrol::enrol(&mut client, &config.replication).await?;
+        let ctx = GuardContext {
+            node: &config.node.name,
+            conflict_column: &config.replication.conflict_column,
+            rules: &rules,
+        };
+        for table in &tables {
+            guard::install(&client, table, &ctx).await?;
+        }
+        metrics.enrolled_tables.set(tables.len() as i64);
+        tracing::info!(tables = tables.len(), %change, "tables enrolled for replication");
+        // Before the front door opens and before the slots exist: every schema change from
+        // now on is in the WAL the slots stream.
+        ddl::install(&client, &config.replication, &config.node.name).await?;
 
         let pg: tokio_postgres::Config = config
             .postgres
@@ -214,9 +245,9 @@ impl ReplicationNode {
             }
             let _ = repl.close().await;
         }
-
-        let identity = PeerIdentity::from_config(config)?;
-        let tls = PeerTls::from_config(peer_listen)?;
+        crate::membership::leave::drop_departed_slots(&client, config)
+            .await
+            .map_err(NodeError::Leave)?;
         let listener = TcpListener::bind(&peer_listen.listen)
             .await
             .map_err(|source| NodeError::Bind {
@@ -240,6 +271,10 @@ impl ReplicationNode {
             wake: wake.clone(),
             rules: rules.clone(),
             max_pending_handshakes: peer_listen.max_pending_handshakes,
+            requests: Some(Arc::new(Answerer {
+                config: config.clone(),
+                walsender: conn.clone(),
+            })),
         }));
         tasks.spawn(receiver.serve(listener, shutdown.clone()));
 

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::observe::document::{NodeStatus, PeerGaugesSlot};
+use crate::observe::joining::Joining;
 use crate::observe::last_hour::LastHour;
 use crate::observe::readiness::Readiness;
 use crate::pg::pool::Pool;
@@ -34,6 +35,8 @@ pub struct Admin {
     pub pool: Pool,
     /// The replication gauges, once the replication side has registered them.
     pub peer_gauges: PeerGaugesSlot,
+    /// Set while the node joins the cluster.
+    pub joining: Joining,
 }
 
 /// `/readyz`: the local Postgres and every peer. `/readyz?peers=ignore`: the local Postgres
@@ -48,6 +51,7 @@ async fn readyz(State(admin): State<Admin>, uri: axum::http::Uri) -> impl IntoRe
         &admin.pool,
         admin.peer_gauges.get(),
         require_peers,
+        admin.joining.get(),
     )
     .await;
     let code = match readiness {

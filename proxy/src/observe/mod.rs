@@ -24,6 +24,7 @@ use crate::pg::SqlState;
 
 pub mod admin;
 pub mod document;
+pub mod joining;
 pub mod last_hour;
 pub mod log_limit;
 pub mod readiness;

@@ -36,10 +36,17 @@ impl Readiness {
         pool: &Pool,
         gauges: Option<&PeerGauges>,
         require_peers: bool,
+        joining: Option<String>,
     ) -> Readiness {
         let mut down = Vec::new();
         if let Err(why) = probe_postgres(config, pool).await {
             down.push(format!("postgres: {why}"));
+        }
+        // A joining node lacks data whatever its peers: never ready, even with peers ignored.
+        if let Some(joining) = joining {
+            down.push(joining);
+            down.extend(down_peers(config, gauges));
+            return Readiness::NotReady(down);
         }
         let peers = down_peers(config, gauges);
         if !require_peers && down.is_empty() && !peers.is_empty() {

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "applied",
         sql: include_str!("../../../migrations/0003_applied.sql"),
     },
+    Migration {
+        version: 4,
+        name: "join",
+        sql: include_str!("../../../migrations/0004_join.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to, and the newest it accepts.

@@ -27,7 +27,7 @@ use crate::replication::changeset::{Change, ChangeSet};
 use crate::replication::metrics::ReplicationMetrics;
 use crate::replication::peer::{
     self, Body, FrameError, HandshakeLimit, HandshakePermit, PeerIdentity, PeerMetrics,
-    PeerReceiver, ResumeSource, ServerTls,
+    PeerReceiver, Purpose, RequestHandler, ResumeSource, ServerTls,
 };
 use crate::replication::pgoutput::{parse_lsn, pg_epoch_micros, Datum, Lsn};
 
@@ -122,6 +122,8 @@ pub struct Receiver {
     /// handshake at once.
     handshakes: HandshakeLimit,
     origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
+    /// What answers links opened for a membership request.
+    requests: Option<Arc<dyn RequestHandler>>,
 }
 
 /// What a [`Receiver`] is made of, named: the node's identity and cluster, its TLS, its
@@ -140,6 +142,9 @@ pub struct ReceiverSetup {
     pub wake: HashMap<String, Arc<tokio::sync::Notify>>,
     pub rules: Arc<OwnerRules>,
     pub max_pending_handshakes: usize,
+    /// What answers links opened for a membership request (join, check); without it they are
+    /// closed.
+    pub requests: Option<Arc<dyn RequestHandler>>,
 }
 
 impl Receiver {
@@ -156,6 +161,7 @@ impl Receiver {
             wake,
             rules,
             max_pending_handshakes,
+            requests,
         } = setup;
         Receiver {
             handshakes: HandshakeLimit::new(max_pending_handshakes, &peer_metrics),
@@ -170,6 +176,7 @@ impl Receiver {
             metrics,
             wake,
             origins: Mutex::new(HashMap::new()),
+            requests,
         }
     }
 
@@ -239,6 +246,16 @@ impl Receiver {
         drop(permit);
         // The handshake logged and counted its own failure.
         let Ok((conn, node)) = handshake else { return };
+        if conn.purpose() == Purpose::Request {
+            // A request is not the caller's replication link: it must not replace it.
+            if let Some(requests) = &self.requests {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = requests.handle(conn, node) => {}
+                }
+            }
+            return;
+        }
         if let Some(wake) = self.wake.get(&node) {
             wake.notify_one();
         }

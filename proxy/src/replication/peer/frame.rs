@@ -69,6 +69,10 @@ pub enum Body {
         node: String,
         #[serde(with = "serde_bytes")]
         nonce: [u8; 32],
+        /// What the caller opens the link for; absent (a node before protocol 4) means
+        /// replication.
+        #[serde(default)]
+        purpose: Purpose,
     },
     /// Server → client: who answered, the server's nonce, and the server's proof that it holds
     /// the shared secret.
@@ -140,6 +144,130 @@ pub enum Body {
         commit_time: i64,
         changes: ChangeSet,
     },
+    /// Protocol 4, on a request link: a membership request or its answer
+    /// (`crate::membership` gives them meaning).
+    Member(Member),
+}
+
+/// The membership messages (protocol 4), exchanged on a link opened with
+/// [`Purpose::Request`]: a joining node preparing every other node and copying from its donor,
+/// and `pgmm check` comparing tables. The caller sends one request and reads answers until the
+/// final one; a failure comes as [`Body::Refused`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Member {
+    /// Joiner → a node that is not its donor: have the slot for the joiner (created if
+    /// missing), and answer once the donor has acknowledged this node's changes up to that
+    /// slot's start, so that the donor's copy holds everything the slot does not.
+    Prepare {
+        donor: String,
+    },
+    /// Answer to `Prepare`: the slot's start; the joiner's stream from this node begins there.
+    Prepared {
+        slot_lsn: u64,
+    },
+    /// Either answerer: still working (a wait, a long scan); keeps the link from looking dead.
+    Waiting {
+        reason: String,
+    },
+    /// Joiner → donor: copy these tables (all replicated ones when empty). With `slot`, the
+    /// donor first creates its slot for the joiner anew and copies at that slot's snapshot
+    /// (a join); without, at a snapshot of its own (a resync).
+    Copy {
+        tables: Vec<String>,
+        slot: bool,
+    },
+    /// The schema of the copied tables, as statements: `pre` before the rows (schemas, types,
+    /// sequences, tables), `post` after them (keys, indexes, foreign keys).
+    Schema {
+        pre: Vec<String>,
+        post: Vec<String>,
+        /// The tables whose rows follow, in order (`schema.name`).
+        tables: Vec<String>,
+    },
+    /// The rows of one table follow, in `Rows` messages, then `TableDone`.
+    Table {
+        table: String,
+        columns: Vec<String>,
+        estimated_rows: i64,
+    },
+    /// COPY text rows, each line prefixed with the name of the node that wrote the row and a
+    /// tab. At most about `chunk_bytes` per message.
+    Rows {
+        #[serde(with = "crate::replication::pgoutput::serde_bytes_compat")]
+        data: bytes::Bytes,
+    },
+    TableDone {
+        rows: u64,
+    },
+    /// The copy is complete: its snapshot's position in the donor's WAL (the joiner's stream
+    /// from the donor begins there) and the sequences' values at it.
+    Done {
+        snapshot_lsn: u64,
+        sequences: Vec<SequenceValue>,
+    },
+    /// `pgmm check` → a node: hash the rows of `table` into `buckets` buckets by key.
+    HashBuckets {
+        table: String,
+        columns: Vec<String>,
+        key: Vec<String>,
+        buckets: u32,
+    },
+    BucketHashes {
+        hashes: Vec<BucketHash>,
+    },
+    /// `pgmm check` → a node: one hash per row of these buckets.
+    HashRows {
+        table: String,
+        columns: Vec<String>,
+        key: Vec<String>,
+        buckets: u32,
+        which: Vec<u32>,
+    },
+    RowHashes {
+        rows: Vec<RowHash>,
+        last: bool,
+    },
+}
+
+/// A sequence's state on the donor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceValue {
+    /// Qualified and quoted.
+    pub name: String,
+    pub last_value: i64,
+    pub is_called: bool,
+}
+
+/// One bucket of a table's rows: how many, and the sum of their row hashes (as text: a sum of
+/// 60-bit values overflows a bigint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketHash {
+    pub bucket: u32,
+    pub rows: i64,
+    pub hash: String,
+}
+
+/// One row: its key (as a row literal), the hash of its values, and its version (the conflict
+/// column and the node that wrote it) for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowHash {
+    pub key: String,
+    pub hash: String,
+    pub version: String,
+}
+
+/// Why a link is opened, said in `Hello`: to stream a node's changes (every link before
+/// protocol 4), or to ask the accepting node something (the membership requests of protocol 4:
+/// join, check), which must not replace the caller's replication link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    #[default]
+    Replicate,
+    Request,
+    /// A purpose of a newer pgmm; refused.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The server's acceptance of a handshake.
@@ -183,6 +311,7 @@ impl Body {
             Body::TxChunk { .. } => "TxChunk",
             Body::TxValue { .. } => "TxValue",
             Body::TxCommit { .. } => "TxCommit",
+            Body::Member(_) => "Member",
         }
     }
 }

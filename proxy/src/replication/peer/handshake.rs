@@ -32,7 +32,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::frame::{Body, FrameError, FrameReader, FrameWriter, RefusalKind, Welcome};
+use super::frame::{Body, FrameError, FrameReader, FrameWriter, Purpose, RefusalKind, Welcome};
 use super::PeerIdentity;
 use crate::pg::SqlState;
 
@@ -42,7 +42,11 @@ use crate::pg::SqlState;
 /// 1: one `Transaction` frame per transaction (at most 64 MiB). 2: a transaction larger than
 /// `[replication] chunk_bytes` travels as `TxBegin`, `TxChunk`s, `TxCommit`, a value larger
 /// than a frame as `TxValue` pieces. 3: a change set may hold schema changes (`Change::Ddl`).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: links opened for a request ([`Purpose::Request`]: join, check) and the `Member`
+/// messages.
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The first version that answers membership requests.
+pub const MEMBER_PROTOCOL_VERSION: u16 = 4;
 /// The first version with chunked transactions.
 pub const CHUNKED_PROTOCOL_VERSION: u16 = 2;
 /// The first version whose change sets may carry schema changes; an older peer cannot decode
@@ -264,6 +268,7 @@ where
 pub struct Agreed {
     pub peer: String,
     pub protocol: u16,
+    pub purpose: Purpose,
 }
 
 /// Everything both proofs cover, in one place so the two sides cannot drift apart.
@@ -358,6 +363,7 @@ pub(crate) async fn client<R, W>(
     expected_peer: &str,
     binding: &[u8],
     offered: u16,
+    purpose: Purpose,
 ) -> Result<(Agreed, Welcome), HandshakeError>
 where
     R: AsyncRead + Unpin,
@@ -370,6 +376,7 @@ where
             cluster: me.cluster.clone(),
             node: me.node.clone(),
             nonce: client_nonce,
+            purpose,
         })
         .await?;
 
@@ -423,6 +430,7 @@ where
             Agreed {
                 peer: node,
                 protocol,
+                purpose,
             },
             welcome,
         )),
@@ -445,13 +453,14 @@ where
     W: AsyncWrite + Unpin,
     S: ResumeSource + ?Sized,
 {
-    let (offered, cluster, node, client_nonce) = match reader.recv_required().await? {
+    let (offered, cluster, node, client_nonce, purpose) = match reader.recv_required().await? {
         Body::Hello {
             protocol,
             cluster,
             node,
             nonce,
-        } => (protocol, cluster, node, nonce),
+            purpose,
+        } => (protocol, cluster, node, nonce, purpose),
         other => return Err(refuse(writer, me, unexpected("Hello", &other)).await),
     };
     let check = if offered < MIN_PROTOCOL_VERSION {
@@ -463,6 +472,8 @@ where
         })
     } else if node == me.node || !known_nodes.contains(&node) {
         Err(HandshakeError::UnknownNode { node: node.clone() })
+    } else if purpose == Purpose::Unknown {
+        Err(HandshakeError::UnsupportedProtocol { theirs: offered })
     } else {
         Ok(())
     };
@@ -520,6 +531,7 @@ where
         Agreed {
             peer: node,
             protocol,
+            purpose,
         },
         welcome,
     ))
@@ -605,6 +617,7 @@ mod tests {
                 cluster: cluster.clone(),
                 node: node.clone(),
                 nonce: [0xff; NONCE_LEN],
+                purpose: Purpose::Request,
             },
             Body::Challenge {
                 protocol: u16::MAX,

@@ -46,9 +46,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use backoff::{Backoff, BACKOFF_BASE};
-pub use frame::{Body, FrameError, Welcome, HANDSHAKE_MAX_FRAME_BYTES, MAX_FRAME_BYTES};
+pub use frame::{
+    Body, BucketHash, FrameError, Member, Purpose, RefusalKind, RowHash, SequenceValue, Welcome,
+    HANDSHAKE_MAX_FRAME_BYTES, MAX_FRAME_BYTES,
+};
 pub use handshake::{
-    HandshakeError, ResumeSource, CHUNKED_PROTOCOL_VERSION, DDL_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    HandshakeError, ResumeSource, CHUNKED_PROTOCOL_VERSION, DDL_PROTOCOL_VERSION,
+    MEMBER_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use tls::{ClientTls, PeerTls, PeerTlsError, ServerTls};
 
@@ -330,6 +334,8 @@ pub struct PeerConnection {
     receiver: PeerReceiver,
     /// The version both ends agreed on: whether transactions may travel in chunks (2).
     protocol: u16,
+    /// What the caller opened the link for.
+    purpose: Purpose,
 }
 
 /// The sending half of a [`PeerConnection`].
@@ -350,10 +356,14 @@ impl PeerConnection {
     fn new(
         reader: FrameReader<ReadHalf<BoxIo>>,
         writer: FrameWriter<WriteHalf<BoxIo>>,
-        peer: String,
-        protocol: u16,
+        agreed: handshake::Agreed,
     ) -> Self {
-        tracing::debug!(%peer, protocol, "peer link authenticated");
+        let handshake::Agreed {
+            peer,
+            protocol,
+            purpose,
+        } = agreed;
+        tracing::debug!(%peer, protocol, ?purpose, "peer link authenticated");
         PeerConnection {
             sender: PeerSender {
                 #[cfg(test)]
@@ -362,7 +372,13 @@ impl PeerConnection {
             },
             receiver: PeerReceiver { reader },
             protocol,
+            purpose,
         }
+    }
+
+    /// What the caller opened the link for.
+    pub fn purpose(&self) -> Purpose {
+        self.purpose
     }
 
     /// The peer's node name, as authenticated by the handshake.
@@ -376,9 +392,27 @@ impl PeerConnection {
         self.protocol
     }
 
-    #[cfg(test)]
     pub async fn send(&mut self, body: &Body) -> Result<(), FrameError> {
         self.sender.send(body).await
+    }
+
+    /// Sends a membership message.
+    pub async fn send_member(&mut self, m: Member) -> Result<(), FrameError> {
+        self.sender.send(&Body::Member(m)).await
+    }
+
+    /// The next membership message; a `Refused` is the other side's error, heartbeats are
+    /// skipped, anything else is a protocol violation.
+    pub async fn recv_member(&mut self) -> Result<Member, MemberError> {
+        loop {
+            match self.receiver.recv().await? {
+                Some(Body::Member(m)) => return Ok(m),
+                Some(Body::Heartbeat { .. }) => continue,
+                Some(Body::Refused { reason, .. }) => return Err(MemberError::Refused(reason)),
+                Some(other) => return Err(MemberError::Unexpected(other.name())),
+                None => return Err(MemberError::Frame(FrameError::Closed)),
+            }
+        }
     }
 
     #[cfg(test)]
@@ -437,10 +471,94 @@ pub async fn connect(
         expected_peer,
         tls,
         metrics,
-        HANDSHAKE_TIMEOUT,
-        PROTOCOL_VERSION,
+        Dial::new(Purpose::Replicate),
     )
     .await
+}
+
+/// Dials `addr` for a membership request ([`Purpose::Request`]); refuses a peer too old to
+/// answer one.
+pub async fn connect_for_request(
+    addr: &str,
+    me: &PeerIdentity,
+    expected_peer: &str,
+    tls: Option<&ClientTls>,
+    metrics: &PeerMetrics,
+) -> Result<PeerConnection, MemberError> {
+    let (conn, _) = connect_with(
+        addr,
+        me,
+        expected_peer,
+        tls,
+        metrics,
+        Dial::new(Purpose::Request),
+    )
+    .await?;
+    if conn.protocol() < MEMBER_PROTOCOL_VERSION {
+        return Err(MemberError::TooOld {
+            peer: expected_peer.to_owned(),
+            protocol: conn.protocol(),
+        });
+    }
+    Ok(conn)
+}
+
+/// Why a membership exchange failed.
+#[derive(Debug, Error)]
+pub enum MemberError {
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("protocol violation: unexpected {0} message")]
+    Unexpected(&'static str),
+    #[error(
+        "node {peer} speaks peer protocol {protocol}, which has no membership requests \
+         (version {MEMBER_PROTOCOL_VERSION} does): upgrade pgmm on {peer} first"
+    )]
+    TooOld { peer: String, protocol: u16 },
+}
+
+impl SqlState for MemberError {
+    fn sqlstate(&self) -> &str {
+        match self {
+            MemberError::Peer(e) => e.sqlstate(),
+            MemberError::Frame(e) => e.sqlstate(),
+            MemberError::Refused(_) => "55000",
+            MemberError::Unexpected(_) => "08P01",
+            MemberError::TooOld { .. } => "0A000",
+        }
+    }
+}
+
+/// What answers the links opened with [`Purpose::Request`]; the replication layer only hands
+/// them over (the membership layer implements it, so the dependency points one way).
+pub trait RequestHandler: Send + Sync {
+    fn handle(
+        &self,
+        conn: PeerConnection,
+        peer: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+/// How a link is dialled: what for, the protocol offered (tests offer others) and how long the
+/// connect and the handshake may take.
+struct Dial {
+    purpose: Purpose,
+    protocol: u16,
+    timeout: Duration,
+}
+
+impl Dial {
+    fn new(purpose: Purpose) -> Dial {
+        Dial {
+            purpose,
+            protocol: PROTOCOL_VERSION,
+            timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 async fn connect_with(
@@ -449,9 +567,13 @@ async fn connect_with(
     expected_peer: &str,
     tls: Option<&ClientTls>,
     metrics: &PeerMetrics,
-    timeout: Duration,
-    offered_protocol: u16,
+    dial: Dial,
 ) -> Result<(PeerConnection, Welcome), PeerError> {
+    let Dial {
+        purpose,
+        protocol: offered_protocol,
+        timeout,
+    } = dial;
     let connect_err = |source| PeerError::Connect {
         peer: expected_peer.to_owned(),
         addr: addr.to_owned(),
@@ -495,6 +617,7 @@ async fn connect_with(
             expected_peer,
             &binding,
             offered_protocol,
+            purpose,
         )
         .await?;
         reader.set_max_frame(MAX_FRAME_BYTES);
@@ -514,10 +637,7 @@ async fn connect_with(
                 tls = tls.is_some(),
                 "peer link established"
             );
-            Ok((
-                PeerConnection::new(reader, writer, agreed.peer, agreed.protocol),
-                welcome,
-            ))
+            Ok((PeerConnection::new(reader, writer, agreed), welcome))
         }
         Err(source) => {
             metrics.count(&source);
@@ -620,10 +740,7 @@ where
                 "peer link accepted"
             );
             let peer = agreed.peer.clone();
-            Ok((
-                PeerConnection::new(reader, writer, agreed.peer, agreed.protocol),
-                peer,
-            ))
+            Ok((PeerConnection::new(reader, writer, agreed), peer))
         }
         Err(source) => {
             metrics.count(&source);

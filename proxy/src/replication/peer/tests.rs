@@ -318,6 +318,7 @@ async fn a_client_with_a_bad_proof_gets_a_generic_refusal() {
             cluster: CLUSTER.into(),
             node: "a".into(),
             nonce: [7; 32],
+            purpose: Purpose::Replicate,
         })
         .await
         .unwrap();
@@ -372,8 +373,11 @@ async fn refused(
         expected_peer,
         None,
         &client_metrics,
-        HANDSHAKE_TIMEOUT,
-        offered_protocol,
+        Dial {
+            purpose: Purpose::Replicate,
+            protocol: offered_protocol,
+            timeout: HANDSHAKE_TIMEOUT,
+        },
     )
     .await;
     let client_err = handshake_err(result);
@@ -475,8 +479,10 @@ async fn unsupported_protocol_is_refused_and_a_newer_one_negotiated_down() {
         "b",
         None,
         &metrics(),
-        HANDSHAKE_TIMEOUT,
-        PROTOCOL_VERSION + 5,
+        Dial {
+            protocol: PROTOCOL_VERSION + 5,
+            ..Dial::new(Purpose::Replicate)
+        },
     )
     .await
     .unwrap();
@@ -821,6 +827,7 @@ fn envelopes_from_a_newer_peer() {
             cluster: "c".into(),
             node: "n".into(),
             nonce: [1; 32],
+            purpose: Purpose::Replicate,
         }
     );
     // An unknown message kind is named, with or without payload.

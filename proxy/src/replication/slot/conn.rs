@@ -325,24 +325,55 @@ impl ReplicationConn {
         slot: &str,
         plugin: &str,
     ) -> Result<u64, ReplicationError> {
-        let rows = match self.simple_query(&create_slot_command(slot, plugin)).await {
+        self.create_slot(slot, plugin, false)
+            .await
+            .map(|(at, _)| at)
+    }
+
+    /// Creates a logical slot and exports its snapshot: returns the consistent point and the
+    /// snapshot's name, which other sessions import with `SET TRANSACTION SNAPSHOT` while this
+    /// connection stays open and runs nothing else. Their reads then see exactly what precedes
+    /// the slot's first change.
+    pub async fn create_logical_slot_exporting(
+        &mut self,
+        slot: &str,
+        plugin: &str,
+    ) -> Result<(u64, String), ReplicationError> {
+        let (at, snapshot) = self.create_slot(slot, plugin, true).await?;
+        let snapshot = snapshot.ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".to_owned())
+        })?;
+        Ok((at, snapshot))
+    }
+
+    async fn create_slot(
+        &mut self,
+        slot: &str,
+        plugin: &str,
+        export: bool,
+    ) -> Result<(u64, Option<String>), ReplicationError> {
+        let rows = match self
+            .simple_query(&create_slot_command(slot, plugin, export))
+            .await
+        {
             Err(ReplicationError::Server { code, .. }) if code == DUPLICATE_OBJECT => {
                 return Err(ReplicationError::SlotExists)
             }
             other => other?,
         };
-        let consistent_point = match rows.as_slice() {
-            [row] => row.get(1).cloned().flatten(),
-            _ => None,
+        let (consistent_point, snapshot) = match rows.as_slice() {
+            [row] => (row.get(1).cloned().flatten(), row.get(2).cloned().flatten()),
+            _ => (None, None),
         };
-        consistent_point
+        let at = consistent_point
             .as_deref()
             .and_then(parse_lsn)
             .ok_or_else(|| {
                 ReplicationError::Protocol(format!(
                     "unexpected CREATE_REPLICATION_SLOT answer {rows:?}"
                 ))
-            })
+            })?;
+        Ok((at, snapshot))
     }
 
     /// Drops a slot, which must not be in use (the server refuses with 55006 otherwise).

@@ -158,13 +158,18 @@ fn parse_lsn(text: &str) -> Option<u64> {
     Some((u64::from(hi) << 32) | u64::from(lo))
 }
 
-fn create_slot_command(slot: &str, plugin: &str) -> String {
-    // NOEXPORT_SNAPSHOT: pgmm never copies the initial data through the slot's snapshot, and an
-    // exported snapshot would pin the connection until the next command.
+fn create_slot_command(slot: &str, plugin: &str, export: bool) -> String {
+    // NOEXPORT_SNAPSHOT unless a join copies at the slot's snapshot: an exported snapshot pins
+    // the connection until its next command.
     format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL {} NOEXPORT_SNAPSHOT",
+        "CREATE_REPLICATION_SLOT {} LOGICAL {} {}",
         replication_ident(slot),
-        replication_ident(plugin)
+        replication_ident(plugin),
+        if export {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        }
     )
 }
 
@@ -224,7 +229,7 @@ mod tests {
     #[test]
     fn commands_quote_names_and_values() {
         assert_eq!(
-            create_slot_command("pgmm_b", "pgoutput"),
+            create_slot_command("pgmm_b", "pgoutput", false),
             r#"CREATE_REPLICATION_SLOT "pgmm_b" LOGICAL "pgoutput" NOEXPORT_SNAPSHOT"#
         );
         assert_eq!(

@@ -1,0 +1,397 @@
+//! What a running node answers on a request link ([`Purpose::Request`]): a joiner's
+//! `Prepare` and `Copy`, and `pgmm check`'s hash requests. One link carries one request after
+//! another until the caller closes it.
+//!
+//! [`Purpose::Request`]: crate::replication::peer::Purpose::Request
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio_postgres::Client;
+
+use super::catalog::{self, CopiedTable};
+use super::hashes;
+use super::MembershipError;
+use crate::config::Config;
+use crate::pg::names::origin_name;
+use crate::pg::pg_error_text;
+use crate::replication::peer::{Body, Member, PeerConnection, RefusalKind, RequestHandler};
+use crate::replication::pgoutput::{format_lsn, parse_lsn};
+use crate::replication::slot::{ReplicationConn, ReplicationError, WalSenderConfig};
+
+/// How often a long wait tells the caller it is still alive.
+const WAITING_EVERY: Duration = Duration::from_secs(5);
+/// How often a wait re-reads what it waits for.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The membership side of a running node.
+pub struct Answerer {
+    pub config: Config,
+    pub walsender: WalSenderConfig,
+}
+
+impl RequestHandler for Answerer {
+    fn handle(
+        &self,
+        conn: PeerConnection,
+        peer: String,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let mut conn = conn;
+            if let Err(e) = self.answer(&mut conn, &peer).await {
+                tracing::warn!(%peer, error = %e, "membership request failed");
+                let _ = conn
+                    .send(&Body::Refused {
+                        reason: e.to_string(),
+                        kind: RefusalKind::Other,
+                    })
+                    .await;
+            }
+        })
+    }
+}
+
+impl Answerer {
+    async fn answer(&self, conn: &mut PeerConnection, peer: &str) -> Result<(), MembershipError> {
+        loop {
+            let request = match conn.recv_member().await {
+                Ok(m) => m,
+                // The caller is done.
+                Err(crate::replication::peer::MemberError::Frame(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match request {
+                Member::Prepare { donor } => self.prepare(conn, peer, &donor).await?,
+                Member::Copy { tables, slot } => self.copy(conn, peer, &tables, slot).await?,
+                Member::HashBuckets {
+                    table,
+                    columns,
+                    key,
+                    buckets,
+                } => {
+                    let client = hashes::session(&self.config).await?;
+                    let hashes = hashes::buckets(&client, &table, &columns, &key, buckets).await?;
+                    conn.send_member(Member::BucketHashes { hashes }).await?;
+                }
+                Member::HashRows {
+                    table,
+                    columns,
+                    key,
+                    buckets,
+                    which,
+                } => {
+                    let client = hashes::session(&self.config).await?;
+                    let rows = hashes::rows(
+                        &client,
+                        &self.config,
+                        &table,
+                        &columns,
+                        &key,
+                        buckets,
+                        &which,
+                    )
+                    .await?;
+                    conn.send_member(Member::RowHashes { rows, last: true })
+                        .await?;
+                }
+                other => {
+                    return Err(MembershipError::Protocol(format!(
+                        "{other:?} is not a request"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// A joiner asks this node (not its donor) to be ready: the slot for the joiner exists, and
+    /// the donor has acknowledged this node's changes up to that slot's start, so that the
+    /// donor's copy holds everything before it and the slot everything after.
+    async fn prepare(
+        &self,
+        conn: &mut PeerConnection,
+        joiner: &str,
+        donor: &str,
+    ) -> Result<(), MembershipError> {
+        let me = &self.config.node.name;
+        for (name, what) in [(joiner, "the joining node"), (donor, "its donor")] {
+            if !self.config.peers.iter().any(|p| p.name == name) {
+                return Err(MembershipError::Refused(format!(
+                    "node {me} has no [[peers]] entry for {name} ({what}): add it to this \
+                     node's config (and to [cluster] nodes) and restart pgmm on {me}"
+                )));
+            }
+        }
+        let slot = origin_name(joiner);
+        let mut repl = ReplicationConn::connect(&self.walsender).await?;
+        match repl.create_logical_slot(&slot, "pgoutput").await {
+            Ok(_) | Err(ReplicationError::SlotExists) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let _ = repl.close().await;
+        let client = crate::pg::connect(&self.config.postgres).await?;
+        let slot_lsn: String = client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        let donor_slot = origin_name(donor);
+        let started = Instant::now();
+        let mut told = Instant::now();
+        loop {
+            let caught_up: Option<bool> = client
+                .query_opt(
+                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn \
+                     FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                    &[&donor_slot, &slot_lsn],
+                )
+                .await?
+                .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false));
+            match caught_up {
+                None => {
+                    return Err(MembershipError::Refused(format!(
+                        "node {me} has no slot {donor_slot} for the donor {donor}"
+                    )))
+                }
+                Some(true) => break,
+                Some(false) => {}
+            }
+            if told.elapsed() >= WAITING_EVERY {
+                told = Instant::now();
+                conn.send_member(Member::Waiting {
+                    reason: format!(
+                        "node {me}: waiting {}s until {donor} has applied {me}'s changes up to \
+                         {slot_lsn} (the link from {me} to {donor} must be up)",
+                        started.elapsed().as_secs()
+                    ),
+                })
+                .await?;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        tracing::info!(%joiner, %donor, %slot_lsn, "prepared for a joining node");
+        conn.send_member(Member::Prepared {
+            slot_lsn: parse_lsn(&slot_lsn).unwrap_or(0),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Copies the replicated tables (or `only` those) to the caller. With `slot`, first
+    /// creates the caller's slot anew and copies at its exported snapshot: the caller then
+    /// streams this node's changes from exactly where the copy ends.
+    async fn copy(
+        &self,
+        conn: &mut PeerConnection,
+        joiner: &str,
+        only: &[String],
+        slot: bool,
+    ) -> Result<(), MembershipError> {
+        let me = &self.config.node.name;
+        let mut repl = ReplicationConn::connect(&self.walsender).await?;
+        let client = crate::pg::connect(&self.config.postgres).await?;
+        let exported = if slot {
+            let name = origin_name(joiner);
+            // The slot made when this node learnt of the joiner holds changes the copy will
+            // contain: it starts over at the copy's snapshot.
+            match repl.drop_slot(&name).await {
+                Ok(()) => {}
+                Err(ReplicationError::Server { code, .. }) if code == "42704" => {}
+                Err(e) => return Err(e.into()),
+            }
+            let (at, snapshot) = repl
+                .create_logical_slot_exporting(&name, "pgoutput")
+                .await?;
+            tracing::info!(%joiner, slot = %name, at = %format_lsn(at), "copying for a joining node");
+            Some((at, snapshot))
+        } else {
+            None
+        };
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await?;
+        let snapshot_lsn = match &exported {
+            Some((at, snapshot)) => {
+                client
+                    .batch_execute(&format!(
+                        "SET TRANSACTION SNAPSHOT {}",
+                        crate::pg::quote::replication_literal(snapshot)
+                    ))
+                    .await?;
+                *at
+            }
+            None => {
+                let lsn: String = client
+                    .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                parse_lsn(&lsn).unwrap_or(0)
+            }
+        };
+        // The snapshot is imported: the exporting session may go.
+        let _ = repl.close().await;
+        client
+            .batch_execute("SET LOCAL search_path = pg_catalog")
+            .await?;
+        let tables = catalog::tables(&client, only).await?;
+        if tables.is_empty() && !only.is_empty() {
+            return Err(MembershipError::Refused(format!(
+                "node {me} replicates no table named {}",
+                only.join(", ")
+            )));
+        }
+        let (pre, post) = catalog::schema(&client, &tables).await?;
+        conn.send_member(Member::Schema {
+            pre,
+            post,
+            tables: tables.iter().map(|t| t.label.clone()).collect(),
+        })
+        .await?;
+        let chunk = self.config.replication.chunk_bytes;
+        for table in &tables {
+            send_table(conn, &client, me, table, chunk).await?;
+        }
+        send_tombstones(conn, &client, me, &tables, chunk).await?;
+        let sequences = catalog::sequences(&client, &tables).await?;
+        conn.send_member(Member::Done {
+            snapshot_lsn,
+            sequences,
+        })
+        .await?;
+        client.batch_execute("COMMIT").await?;
+        tracing::info!(%joiner, tables = tables.len(), "copy sent");
+        Ok(())
+    }
+}
+
+/// Streams one table as COPY text, each row prefixed with the node that wrote it (from its
+/// commit's replication origin; this node when written here).
+async fn send_table(
+    conn: &mut PeerConnection,
+    client: &Client,
+    me: &str,
+    table: &CopiedTable,
+    chunk: usize,
+) -> Result<(), MembershipError> {
+    let estimated: f32 = client
+        .query_one(
+            "SELECT greatest(sum(c.reltuples), 0)::real FROM pg_catalog.pg_class c \
+             WHERE c.oid = $1 \
+                OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass))",
+            &[&table.oid],
+        )
+        .await?
+        .get::<_, Option<f32>>(0)
+        .unwrap_or(0.0);
+    conn.send_member(Member::Table {
+        table: table.label.clone(),
+        columns: table.columns.clone(),
+        estimated_rows: estimated as i64,
+    })
+    .await?;
+    let columns: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("t.{}", postgres_protocol::escape::escape_identifier(c)))
+        .collect();
+    let query = format!(
+        "COPY (WITH o AS MATERIALIZED (SELECT roident, substr(roname, 6) AS node \
+                                       FROM pg_catalog.pg_replication_origin \
+                                       WHERE roname LIKE 'pgmm\\_%') \
+               SELECT coalesce(o.node, {me}), {columns} FROM {only}{name} t \
+               LEFT JOIN o ON o.roident = (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident) \
+         TO STDOUT",
+        me = crate::pg::quote::replication_literal(me),
+        columns = columns.join(", "),
+        only = if table.partitioned { "" } else { "ONLY " },
+        name = table.sql_name,
+    );
+    let rows = stream_copy(conn, client, &query, chunk).await?;
+    conn.send_member(Member::TableDone { rows }).await?;
+    Ok(())
+}
+
+/// The tombstones of the copied tables, as a table of their own (`pgmm.tombstones`).
+async fn send_tombstones(
+    conn: &mut PeerConnection,
+    client: &Client,
+    me: &str,
+    tables: &[CopiedTable],
+    chunk: usize,
+) -> Result<(), MembershipError> {
+    let columns = ["table_name", "key", "deleted_at", "origin"];
+    conn.send_member(Member::Table {
+        table: super::TOMBSTONES.to_owned(),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
+        estimated_rows: 0,
+    })
+    .await?;
+    let labels: Vec<String> = tables
+        .iter()
+        .map(|t| crate::pg::quote::replication_literal(&t.label))
+        .collect();
+    let rows = if labels.is_empty() {
+        0
+    } else {
+        let query = format!(
+            "COPY (SELECT {me}, table_name, key, deleted_at, origin FROM pgmm.tombstones \
+                   WHERE table_name IN ({})) TO STDOUT",
+            labels.join(", "),
+            me = crate::pg::quote::replication_literal(me),
+        );
+        stream_copy(conn, client, &query, chunk).await?
+    };
+    conn.send_member(Member::TableDone { rows }).await?;
+    Ok(())
+}
+
+/// Runs a `COPY ... TO STDOUT` and sends its output in `Rows` messages of about `chunk` bytes
+/// (a row larger than that is split across messages). Returns the row count.
+async fn stream_copy(
+    conn: &mut PeerConnection,
+    client: &Client,
+    query: &str,
+    chunk: usize,
+) -> Result<u64, MembershipError> {
+    let stream = client.copy_out(query).await?;
+    futures_util::pin_mut!(stream);
+    let mut buf = BytesMut::with_capacity(chunk.min(1 << 20));
+    let mut rows = 0u64;
+    while let Some(data) = stream.next().await {
+        let data = data?;
+        // One CopyData message is one row.
+        rows += 1;
+        let mut rest: &[u8] = &data;
+        while !rest.is_empty() {
+            let room = chunk.saturating_sub(buf.len()).max(1);
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            buf.extend_from_slice(now);
+            rest = later;
+            if buf.len() >= chunk {
+                conn.send_member(Member::Rows {
+                    data: buf.split().freeze(),
+                })
+                .await?;
+            }
+        }
+    }
+    if !buf.is_empty() {
+        conn.send_member(Member::Rows { data: buf.freeze() })
+            .await?;
+    }
+    Ok(rows)
+}
+
+impl From<tokio_postgres::Error> for MembershipError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MembershipError::Postgres(
+            pg_error_text(&e),
+            crate::pg::sqlstate::of_pg_error(&e).to_owned(),
+        )
+    }
+}
