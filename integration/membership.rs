@@ -101,6 +101,38 @@ impl Writer {
     }
 }
 
+/// Updates rows 1000-1999 of `t` through a front door until stopped; counts the commits.
+struct Updater {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl Updater {
+    fn start(conninfo: String) -> Updater {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let db = Db::connect(&conninfo);
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                db.exec(&format!(
+                    "UPDATE t SET v = 'w{n}' WHERE id = {}",
+                    1000 + n % 1000
+                ));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        });
+        Updater { stop, handle }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("updater thread")
+    }
+}
+
 /// Launches node `i` joining from a, and returns once it serves clients; asserts that
 /// `/readyz` said "joining" meanwhile.
 fn join(c: &mut TestCluster, i: usize, members: &[usize]) {
@@ -290,10 +322,11 @@ fn wait_mid_copy(c: &TestCluster, i: usize, accounts: f64) {
     );
 }
 
-/// A join killed mid-copy, first the joining pgmm and then (in a second join) the donor's,
-/// starts over and ends identical: never a half-joined node that serves clients.
+/// A join killed mid-copy (the joining pgmm, the joiner's Postgres, and in a second join the
+/// donor's pgmm) starts over and ends identical: never a half-joined node that serves clients.
 #[test]
-fn a_join_interrupted_by_killing_the_joiner_or_the_donor_starts_over_and_ends_identical() {
+fn a_join_interrupted_by_killing_the_joiner_its_postgres_or_the_donor_starts_over_and_ends_identical(
+) {
     let _heavy = heavy_lock();
     let mut c = TestCluster::prepare(3, ClusterOptions::default());
     load_existing_database(&c, 50_000, 1_000, 400);
@@ -301,27 +334,49 @@ fn a_join_interrupted_by_killing_the_joiner_or_the_donor_starts_over_and_ends_id
     a.extra_toml.push_str(&ownership_toml());
     c.start_pgmm_with(0, a);
 
-    // The joiner killed mid-copy: its front door never opened, and its restart starts over.
+    // The joiner's pgmm killed mid-copy (its front door never opened), then its Postgres
+    // killed mid-copy of the next attempt: each time the join starts over, and ends whole.
     let lock = pause_copy_at_docs(&c, 1);
     let mut opts = c.member_options(1, &[0, 1], Some("a"));
     opts.extra_toml.push_str(&ownership_toml());
-    c.launch_pgmm_with(1, opts);
+    c.launch_pgmm_with(1, opts.clone());
     wait_mid_copy(&c, 1, 50_000.0);
     assert!(
         Db::try_connect(&c.pgmm(1).conninfo("postgres", "postgres")).is_err(),
         "a joining node's front door is open"
     );
     c.pgmm_mut(1).kill();
+    // The killed pgmm's COPY session finds its client gone once it reads on; the lock is
+    // taken again only after, or that session would wait on it for ever.
     lock.exec("SELECT pg_advisory_unlock(4242)");
+    wait_until("the killed joiner's COPY to end", harness::WAIT, || {
+        (c.scalar(
+            1,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY %'",
+        ) == "0")
+            .then_some(())
+    });
+    lock.exec("SELECT pg_advisory_lock(4242)");
     c.front_door(0)
         .exec("UPDATE accounts SET balance = -1 WHERE id = 7");
-    c.pgmm_mut(1).restart();
+    c.launch_pgmm_with(1, opts);
+    wait_mid_copy(&c, 1, 50_000.0);
+    // The lock's session goes with the server.
+    c.pg_mut(1).crash_and_restart();
+    drop(lock);
+    if let Err(failure) = c.pgmm_mut(1).wait_ready() {
+        failure.panic();
+    }
     converge(&c, &[0, 1]);
     assert_eq!(
         c.scalar(1, "SELECT balance FROM accounts WHERE id = 7"),
         "-1.00"
     );
-    assert!(c.pgmm(1).log().contains("joined the cluster"));
+    let log = c.pgmm(1).log();
+    assert!(
+        log.contains("join attempt failed") && log.contains("joined the cluster"),
+        "{log}"
+    );
 
     // The donor's pgmm killed while c copies from it: c retries until the donor is back.
     for i in [0, 1] {
@@ -432,6 +487,8 @@ fn check_reports_a_diverged_row_and_resync_repairs_it() {
     c.front_door(0)
         .exec("INSERT INTO t (id, v) SELECT g, 'v' || g FROM generate_series(1, 5000) g");
     c.wait_converged("t", 5000);
+    // Checks run while a takes writes: rows in flight are not divergence.
+    let writer = Updater::start(c.pgmm(0).conninfo("postgres", "postgres"));
     assert_check_agrees(&c, 0);
 
     // Behind replication's back: triggers off, and under a replication origin of its own so that b does not
@@ -452,6 +509,13 @@ fn check_reports_a_diverged_row_and_resync_repairs_it() {
         "{text}"
     );
     assert!(text.contains("b: missing"), "{text}");
+    assert!(writer.stop() > 0, "the writer committed nothing");
+    // Resync is run once replication is caught up (docs/MEMBERSHIP.md).
+    let written =
+        "SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t WHERE id BETWEEN 1000 AND 1999";
+    wait_until("b to have a's writes", harness::WAIT, || {
+        (c.scalar(0, written) == c.scalar(1, written)).then_some(())
+    });
 
     let out = pgmm_command(&c, 1, &["resync", "--table", "t", "--from", "a"]);
     assert!(

@@ -269,8 +269,10 @@ impl TestCluster {
     /// Stops node `i`'s pgmm (if any) and launches it with `opts`, without waiting for it.
     pub fn launch_pgmm_with(&mut self, i: usize, opts: PgmmOptions) {
         if let Some(mut old) = self.nodes[i].pgmm.take() {
-            old.terminate();
-            old.wait_exit(Duration::from_secs(60));
+            if old.is_running() {
+                old.terminate();
+                old.wait_exit(Duration::from_secs(60));
+            }
         }
         self.nodes[i].pgmm = Some(Pgmm::launch(&self.nodes[i].pg, opts));
     }
@@ -295,6 +297,10 @@ impl TestCluster {
     /// Node `i`'s Postgres, to reach it directly (not through pgmm).
     pub fn pg(&self, i: usize) -> &PgCluster {
         &self.nodes[i].pg
+    }
+
+    pub fn pg_mut(&mut self, i: usize) -> &mut PgCluster {
+        &mut self.nodes[i].pg
     }
 
     /// Node `i`'s pgmm; panics before [`TestCluster::start_pgmm`].

@@ -210,6 +210,41 @@ fn server_command(inst: &Install, program: &str, cwd: &Path) -> Command {
     cmd
 }
 
+/// Starts the server of the cluster in `dir` (data in `dir/data`), appending to
+/// `dir/postgres.log`.
+fn spawn_server(inst: &Install, dir: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("postgres.log"))
+        .expect("open postgres.log");
+    server_command(inst, "postgres", dir)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn postgres: {e}"))
+}
+
+/// Waits until the server accepts connections (postmaster.pid's 8th line turns "ready", what
+/// pg_ctl polls), or returns how it exited first.
+fn wait_server_ready(child: &mut Child, data: &Path) -> Result<(), std::process::ExitStatus> {
+    let pid_file = data.join("postmaster.pid");
+    wait_until(
+        "postgres to accept connections",
+        Duration::from_secs(60),
+        || {
+            if let Some(status) = child.try_wait().expect("try_wait postgres") {
+                return Some(Err(status));
+            }
+            let pid = fs::read_to_string(&pid_file).ok()?;
+            (pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
+        },
+    )
+}
+
 fn chown_to_server_user(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         chown(path, Some(uid), Some(gid))
@@ -378,29 +413,9 @@ impl PgCluster {
                 fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
             }
             let log_path = dir.path().join("postgres.log");
-            let log = fs::File::create(&log_path).expect("create postgres.log");
-            let mut child = server_command(inst, "postgres", dir.path())
-                .arg("-D")
-                .arg(&data)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log file"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn postgres: {e}"));
-            let pid_file = data.join("postmaster.pid");
-            // postmaster.pid's 8th line turns "ready" once connections are accepted (what pg_ctl polls).
-            let outcome = wait_until(
-                "postgres to accept connections",
-                Duration::from_secs(60),
-                || {
-                    if let Some(status) = child.try_wait().expect("try_wait postgres") {
-                        return Some(Err(status));
-                    }
-                    let pid = fs::read_to_string(&pid_file).ok()?;
-                    (pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
-                },
-            );
-            match outcome {
+            fs::File::create(&log_path).expect("create postgres.log");
+            let mut child = spawn_server(inst, dir.path());
+            match wait_server_ready(&mut child, &data) {
                 Ok(()) => {
                     return PgCluster {
                         port,
@@ -420,6 +435,25 @@ impl PgCluster {
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// SIGKILL to the postmaster (a crash: backends go with it, nothing is flushed or shut
+    /// down), then the server started again on the same data directory and port, after its
+    /// crash recovery. Sessions open before are gone.
+    pub fn crash_and_restart(&mut self) {
+        let _ = kill_process(Pid::from_child(&self.child), Signal::KILL);
+        let _ = self.child.wait();
+        let data = self.data_dir();
+        // Until the killed postmaster's backends notice and exit, the shared memory is theirs
+        // and a new postmaster refuses to start: try again until one does.
+        self.child = wait_until(
+            "the server to start again after a crash",
+            Duration::from_secs(60),
+            || {
+                let mut child = spawn_server(self.inst, self.dir.path());
+                wait_server_ready(&mut child, &data).ok().map(|()| child)
+            },
+        );
     }
 
     pub fn port(&self) -> u16 {

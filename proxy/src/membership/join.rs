@@ -90,32 +90,18 @@ pub struct Joiner<'a> {
 
 impl Joiner<'_> {
     /// Joins from `[node] join_from` unless this node has joined already; retries until it
-    /// succeeds, is stopped, or finds data of this node's own in the way.
-    pub async fn join_if_needed(&self, client: &Client) -> Result<(), MembershipError> {
+    /// succeeds, is stopped, or finds data of this node's own in the way. Each attempt opens
+    /// its own session to the local Postgres, so that a Postgres restarted mid-join (killed,
+    /// failed over) costs one attempt, not the node.
+    pub async fn join_if_needed(&self) -> Result<(), MembershipError> {
         let Some(donor) = &self.config.node.join_from else {
             return Ok(());
         };
-        let state: Option<(String, String)> = client
-            .query_opt("SELECT donor, state FROM pgmm.join_state", &[])
-            .await?
-            .map(|r| (r.get(0), r.get(1)));
-        if let Some((from, state)) = &state {
-            if state == "done" {
-                tracing::debug!(donor = %from, "joined earlier; [node] join_from has no effect now");
-                return Ok(());
-            }
-        }
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        self.metrics.joining.set(1);
-        self.joining.set(format!("joining from {donor}: starting"));
         let result = loop {
-            let recorded = client
-                .query_opt("SELECT 1 FROM pgmm.join_state", &[])
-                .await?
-                .is_some();
             let attempt = tokio::select! {
                 _ = self.shutdown.cancelled() => break Err(MembershipError::Cancelled),
-                r = self.attempt(client, donor, recorded) => r,
+                r = self.connect_and_attempt(donor) => r,
             };
             match attempt {
                 Ok(()) => break Ok(()),
@@ -142,6 +128,24 @@ impl Joiner<'_> {
             self.joining.clear();
         }
         result
+    }
+
+    /// One attempt on a fresh session, unless the join is recorded as done.
+    async fn connect_and_attempt(&self, donor: &str) -> Result<(), MembershipError> {
+        let client = crate::pg::connect(&self.config.postgres).await?;
+        let state: Option<(String, String)> = client
+            .query_opt("SELECT donor, state FROM pgmm.join_state", &[])
+            .await?
+            .map(|r| (r.get(0), r.get(1)));
+        if let Some((from, state)) = &state {
+            if state == "done" {
+                tracing::debug!(donor = %from, "joined earlier; [node] join_from has no effect now");
+                return Ok(());
+            }
+        }
+        self.metrics.joining.set(1);
+        self.joining.set(format!("joining from {donor}: starting"));
+        self.attempt(&client, donor, state.is_some()).await
     }
 
     async fn connect(&self, node: &str) -> Result<PeerConnection, MembershipError> {

@@ -194,12 +194,16 @@ impl ReplicationNode {
             joining,
             shutdown: &shutdown,
         }
-        .join_if_needed(&client)
+        .join_if_needed()
         .await
         .map_err(|e| match e {
             MembershipError::Cancelled => NodeError::Cancelled,
             e => NodeError::Join(e),
         })?;
+        if client.is_closed() {
+            // The local Postgres restarted while the node joined.
+            client = connect_when_up(config, &shutdown).await?;
+        }
 
         let (tables, change) = enrol::enrol(&mut client, &config.replication).await?;
         let ctx = GuardContext {
