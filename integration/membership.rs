@@ -170,6 +170,12 @@ fn converge(c: &TestCluster, nodes: &[usize]) {
     }
 }
 
+/// [`converge`] on every node of the cluster.
+fn converge_all(c: &TestCluster) {
+    let all: Vec<usize> = (0..c.len()).collect();
+    converge(c, &all);
+}
+
 fn pgmm_command(c: &TestCluster, i: usize, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmm"));
     cmd.args(args).arg("--config").arg(c.pgmm(i).config_path());
@@ -245,7 +251,7 @@ fn an_existing_database_becomes_a_three_node_cluster_by_joining_empty_nodes_unde
         "SELECT count(*) FROM accounts WHERE id = 1000002",
         "1",
     );
-    converge(&c, &[0, 1, 2][..c.len()]);
+    converge_all(&c);
     c.assert_no_conflicts();
     // Copied rows keep their versions; the sequence is past every copied id.
     for i in [1, 2] {
@@ -403,10 +409,67 @@ fn a_join_interrupted_by_killing_the_joiner_its_postgres_or_the_donor_starts_ove
     }
     c.front_door(2)
         .exec("INSERT INTO docs (id, body) VALUES (100001, 'after the joins')");
-    converge(&c, &[0, 1, 2][..c.len()]);
+    c.wait_all(
+        "c's doc everywhere",
+        "SELECT count(*) FROM docs WHERE id = 100001",
+        "1",
+    );
+    c.wait_all(
+        "b's order everywhere",
+        "SELECT count(*) FROM orders WHERE id = 700001",
+        "1",
+    );
+    converge_all(&c);
     c.assert_no_conflicts();
     let report = assert_check_agrees(&c, 2);
     assert!(report.contains("all 3 table(s) agree"), "{report}");
+}
+
+/// Two empty nodes joining at the same time ask each other to prepare: each answers that it
+/// is joining too (it has written nothing yet), so neither waits for the other, and both end
+/// identical to the donor with writes through each reaching everyone.
+#[test]
+fn two_nodes_joining_at_once_do_not_wait_for_each_other() {
+    let _heavy = heavy_lock();
+    let mut c = TestCluster::prepare(3, ClusterOptions::default());
+    load_existing_database(&c, 5_000, 5_000, 20);
+    let mut a = c.member_options(0, &[0, 1, 2], None);
+    a.extra_toml.push_str(&ownership_toml());
+    c.start_pgmm_with(0, a);
+    for i in [1, 2] {
+        let mut o = c.member_options(i, &[0, 1, 2], Some("a"));
+        o.extra_toml.push_str(&ownership_toml());
+        c.launch_pgmm_with(i, o);
+    }
+    for i in [1, 2] {
+        if let Err(failure) = c.pgmm_mut(i).wait_ready() {
+            failure.panic();
+        }
+    }
+    // Neither can finish before the other answered, so the first answer comes from a node
+    // still joining.
+    assert!(
+        (1..=2).any(|i| c.pgmm(i).log().contains("this node is joining too")),
+        "{}\n{}",
+        c.pgmm(1).log(),
+        c.pgmm(2).log()
+    );
+    c.front_door(1)
+        .exec("INSERT INTO orders (id, item, qty) VALUES (800001, 'from b', 1)");
+    c.front_door(2)
+        .exec("INSERT INTO accounts (id, home_node, balance) VALUES (800002, 'c', 1)");
+    c.wait_all(
+        "b's order everywhere",
+        "SELECT count(*) FROM orders WHERE id = 800001",
+        "1",
+    );
+    c.wait_all(
+        "c's account everywhere",
+        "SELECT count(*) FROM accounts WHERE id = 800002",
+        "1",
+    );
+    converge_all(&c);
+    c.assert_no_conflicts();
 }
 
 /// The zero-downtime major upgrade: a node on PostgreSQL 18 joins from one on 15, ends
@@ -438,7 +501,7 @@ fn a_node_on_postgres_18_joins_from_a_donor_on_15() {
         "SELECT body FROM docs WHERE id = 1",
         "from 15",
     );
-    converge(&c, &[0, 1, 2][..c.len()]);
+    converge_all(&c);
     c.assert_no_conflicts();
     assert_check_agrees(&c, 1);
 }

@@ -228,8 +228,8 @@ fn spawn_server(inst: &Install, dir: &Path) -> Child {
         .unwrap_or_else(|e| panic!("spawn postgres: {e}"))
 }
 
-/// Waits until the server accepts connections (postmaster.pid's 8th line turns "ready", what
-/// pg_ctl polls), or returns how it exited first.
+/// Waits until the server accepts connections (postmaster.pid names it and its 8th line turns
+/// "ready", what pg_ctl polls), or returns how it exited first.
 fn wait_server_ready(child: &mut Child, data: &Path) -> Result<(), std::process::ExitStatus> {
     let pid_file = data.join("postmaster.pid");
     wait_until(
@@ -240,7 +240,9 @@ fn wait_server_ready(child: &mut Child, data: &Path) -> Result<(), std::process:
                 return Some(Err(status));
             }
             let pid = fs::read_to_string(&pid_file).ok()?;
-            (pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
+            // The file of a killed postmaster says "ready" too: only this child's counts.
+            let ours = pid.lines().next().map(str::trim) == Some(&child.id().to_string());
+            (ours && pid.lines().nth(7).map(str::trim) == Some("ready")).then_some(Ok(()))
         },
     )
 }

@@ -63,6 +63,20 @@ impl Answerer {
                 Err(crate::replication::peer::MemberError::Frame(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
+            if self.joining().await? {
+                if let Member::Prepare { .. } = request {
+                    // This node has written nothing yet, and its first write will come after
+                    // its slot for the caller exists: the caller streams it from that slot's
+                    // start, with nothing to wait for.
+                    tracing::info!(joiner = %peer, "prepared for a joining node: this node is joining too");
+                    conn.send_member(Member::Prepared { slot_lsn: 0 }).await?;
+                    continue;
+                }
+                return Err(MembershipError::Refused(format!(
+                    "node {} is joining the cluster: ask a node that has joined",
+                    self.config.node.name
+                )));
+            }
             match request {
                 Member::Prepare { donor } => self.prepare(conn, peer, &donor).await?,
                 Member::Copy { tables, slot } => self.copy(conn, peer, &tables, slot).await?,
@@ -104,6 +118,20 @@ impl Answerer {
                 }
             }
         }
+    }
+
+    /// Whether this node is itself joining (`join_from` set, the join not recorded as done):
+    /// its peer port is open during its join so that joiners can prepare each other.
+    async fn joining(&self) -> Result<bool, MembershipError> {
+        if self.config.node.join_from.is_none() {
+            return Ok(false);
+        }
+        let client = crate::pg::connect(&self.config.postgres).await?;
+        let done = client
+            .query_opt("SELECT 1 FROM pgmm.join_state WHERE state = 'done'", &[])
+            .await?
+            .is_some();
+        Ok(!done)
     }
 
     /// A joiner asks this node (not its donor) to be ready: the slot for the joiner exists, and

@@ -182,6 +182,51 @@ impl ReplicationNode {
 
         let identity = PeerIdentity::from_config(config)?;
         let tls = PeerTls::from_config(peer_listen)?;
+        let pg: tokio_postgres::Config = config
+            .postgres
+            .url
+            .parse()
+            .expect("config validation parsed [postgres] url");
+        let mut conn =
+            WalSenderConfig::from_tokio_postgres(&pg).map_err(NodeError::WalSenderConfig)?;
+        // The peer port opens before the join: another node joining at the same time asks this
+        // one to prepare, and waits for the answer. Replication links wait for `open`.
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let listener = TcpListener::bind(&peer_listen.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: peer_listen.listen.clone(),
+                source,
+            })?;
+        let wake: HashMap<String, Arc<Notify>> = config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(Notify::new())))
+            .collect();
+        let receiver = Arc::new(Receiver::new(ReceiverSetup {
+            identity: identity.clone(),
+            nodes: config.cluster.nodes.clone(),
+            tls: tls.as_ref().map(|t| t.server.clone()),
+            postgres: config.postgres.clone(),
+            pool: pool.clone(),
+            replication: config.replication.clone(),
+            peer_metrics: peer_metrics.clone(),
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+            rules: rules.clone(),
+            max_pending_handshakes: peer_listen.max_pending_handshakes,
+            requests: Some(Arc::new(Answerer {
+                config: config.clone(),
+                walsender: {
+                    let mut c = conn.clone();
+                    c.application_name = "pgmm membership".to_owned();
+                    c
+                },
+            })),
+            open: open.clone(),
+        }));
+        tasks.spawn(receiver.serve(listener, shutdown.clone()));
+
         let join_metrics = JoinMetrics::register(registry)?;
         // A joining node gets its tables and rows before anything else: enrolment needs the
         // tables, and nothing may stream to or from it before its data is all there.
@@ -220,13 +265,6 @@ impl ReplicationNode {
         // now on is in the WAL the slots stream.
         ddl::install(&client, &config.replication, &config.node.name).await?;
 
-        let pg: tokio_postgres::Config = config
-            .postgres
-            .url
-            .parse()
-            .expect("config validation parsed [postgres] url");
-        let mut conn =
-            WalSenderConfig::from_tokio_postgres(&pg).map_err(NodeError::WalSenderConfig)?;
         for peer in &config.peers {
             let slot = origin_name(&peer.name);
             conn.application_name = format!("pgmm slot setup ({slot})");
@@ -252,35 +290,8 @@ impl ReplicationNode {
         crate::membership::leave::drop_departed_slots(&client, config)
             .await
             .map_err(NodeError::Leave)?;
-        let listener = TcpListener::bind(&peer_listen.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: peer_listen.listen.clone(),
-                source,
-            })?;
-        let wake: HashMap<String, Arc<Notify>> = config
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), Arc::new(Notify::new())))
-            .collect();
-        let receiver = Arc::new(Receiver::new(ReceiverSetup {
-            identity: identity.clone(),
-            nodes: config.cluster.nodes.clone(),
-            tls: tls.as_ref().map(|t| t.server.clone()),
-            postgres: config.postgres.clone(),
-            pool: pool.clone(),
-            replication: config.replication.clone(),
-            peer_metrics: peer_metrics.clone(),
-            metrics: metrics.clone(),
-            wake: wake.clone(),
-            rules: rules.clone(),
-            max_pending_handshakes: peer_listen.max_pending_handshakes,
-            requests: Some(Arc::new(Answerer {
-                config: config.clone(),
-                walsender: conn.clone(),
-            })),
-        }));
-        tasks.spawn(receiver.serve(listener, shutdown.clone()));
+        // Every slot exists: the peers' changes may be applied from here on.
+        open.store(true, std::sync::atomic::Ordering::Release);
 
         let captured_upto = Arc::new(AtomicU64::new(0));
         for peer in &config.peers {

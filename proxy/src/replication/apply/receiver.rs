@@ -8,6 +8,7 @@
 //! committed here, and anything it sends twice is skipped by the applier.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -124,6 +125,10 @@ pub struct Receiver {
     origins: Mutex<HashMap<String, Arc<OriginSlot>>>,
     /// What answers links opened for a membership request.
     requests: Option<Arc<dyn RequestHandler>>,
+    /// Set once the node may apply (it has joined and made its own slots): until then a
+    /// replication link is closed after its handshake and the peer's shipper retries, while
+    /// request links are answered (a joining node must answer another joiner's `Prepare`).
+    open: Arc<AtomicBool>,
 }
 
 /// What a [`Receiver`] is made of, named: the node's identity and cluster, its TLS, its
@@ -145,6 +150,8 @@ pub struct ReceiverSetup {
     /// What answers links opened for a membership request (join, check); without it they are
     /// closed.
     pub requests: Option<Arc<dyn RequestHandler>>,
+    /// Whether replication links are accepted yet (see [`Receiver`]).
+    pub open: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -162,6 +169,7 @@ impl Receiver {
             rules,
             max_pending_handshakes,
             requests,
+            open,
         } = setup;
         Receiver {
             handshakes: HandshakeLimit::new(max_pending_handshakes, &peer_metrics),
@@ -177,6 +185,7 @@ impl Receiver {
             wake,
             origins: Mutex::new(HashMap::new()),
             requests,
+            open,
         }
     }
 
@@ -254,6 +263,10 @@ impl Receiver {
                     _ = requests.handle(conn, node) => {}
                 }
             }
+            return;
+        }
+        if !self.open.load(Ordering::Acquire) {
+            tracing::debug!(peer = %node, "replication link closed: this node is still starting (or joining)");
             return;
         }
         if let Some(wake) = self.wake.get(&node) {
