@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -31,6 +33,9 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct Answerer {
     pub config: Config,
     pub walsender: WalSenderConfig,
+    /// Set once the node has started (enrolled its tables, made its slots): before, its
+    /// publication may not hold the tables yet, and a copy would miss them.
+    pub started: Arc<AtomicBool>,
 }
 
 impl RequestHandler for Answerer {
@@ -74,6 +79,12 @@ impl Answerer {
                 }
                 return Err(MembershipError::Refused(format!(
                     "node {} is joining the cluster: ask a node that has joined",
+                    self.config.node.name
+                )));
+            }
+            if !self.started.load(Ordering::Acquire) {
+                return Err(MembershipError::Refused(format!(
+                    "node {} is starting: try again in a moment",
                     self.config.node.name
                 )));
             }

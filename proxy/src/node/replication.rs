@@ -222,6 +222,7 @@ impl ReplicationNode {
                     c.application_name = "pgmm membership".to_owned();
                     c
                 },
+                started: open.clone(),
             })),
             open: open.clone(),
         }));
