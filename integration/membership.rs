@@ -506,6 +506,30 @@ fn a_node_on_postgres_18_joins_from_a_donor_on_15() {
     assert_check_agrees(&c, 1);
 }
 
+/// `join_from` only affects a node's first start: set on a node that has replicated (as a
+/// chart that sets it on every node but the donor does on upgrade), it changes nothing.
+#[test]
+fn join_from_on_a_node_that_has_replicated_has_no_effect() {
+    let _heavy = heavy_lock();
+    let mut c = TestCluster::start(2, ClusterOptions::default());
+    c.create_table(
+        "t",
+        "id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now()",
+    );
+    c.front_door(1).exec("INSERT INTO t (id) VALUES (1)");
+    c.wait_converged("t", 1);
+    let o = c.member_options(1, &[0, 1], Some("a"));
+    c.start_pgmm_with(1, o);
+    assert!(
+        c.pgmm(1).log().contains("has replicated before"),
+        "{}",
+        c.pgmm(1).log()
+    );
+    c.front_door(1).exec("INSERT INTO t (id) VALUES (2)");
+    c.wait_converged("t", 2);
+    assert_eq!(c.scalar(1, "SELECT count(*) FROM pgmm.join_state"), "0");
+}
+
 /// Leaving: a node removed from `[cluster] nodes` loses its slot on the others at their
 /// restart, and the log says so.
 #[test]

@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 
 use super::catalog::{self, CopiedTable};
 use super::hashes;
+use super::join::{standing, Standing};
 use super::MembershipError;
 use crate::config::Config;
 use crate::pg::names::origin_name;
@@ -131,18 +132,17 @@ impl Answerer {
         }
     }
 
-    /// Whether this node is itself joining (`join_from` set, the join not recorded as done):
-    /// its peer port is open during its join so that joiners can prepare each other.
+    /// Whether this node is itself joining (see [`standing`]): its peer port is open during
+    /// its join so that joiners can prepare each other.
     async fn joining(&self) -> Result<bool, MembershipError> {
         if self.config.node.join_from.is_none() {
             return Ok(false);
         }
         let client = crate::pg::connect(&self.config.postgres).await?;
-        let done = client
-            .query_opt("SELECT 1 FROM pgmm.join_state WHERE state = 'done'", &[])
-            .await?
-            .is_some();
-        Ok(!done)
+        Ok(matches!(
+            standing(&client, &self.config).await?,
+            Standing::Joining { .. }
+        ))
     }
 
     /// A joiner asks this node (not its donor) to be ready: the slot for the joiner exists, and

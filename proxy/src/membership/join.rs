@@ -133,19 +133,13 @@ impl Joiner<'_> {
     /// One attempt on a fresh session, unless the join is recorded as done.
     async fn connect_and_attempt(&self, donor: &str) -> Result<(), MembershipError> {
         let client = crate::pg::connect(&self.config.postgres).await?;
-        let state: Option<(String, String)> = client
-            .query_opt("SELECT donor, state FROM pgmm.join_state", &[])
-            .await?
-            .map(|r| (r.get(0), r.get(1)));
-        if let Some((from, state)) = &state {
-            if state == "done" {
-                tracing::debug!(donor = %from, "joined earlier; [node] join_from has no effect now");
-                return Ok(());
-            }
-        }
+        let recorded = match standing(&client, self.config).await? {
+            Standing::Member => return Ok(()),
+            Standing::Joining { recorded } => recorded,
+        };
         self.metrics.joining.set(1);
         self.joining.set(format!("joining from {donor}: starting"));
-        self.attempt(&client, donor, state.is_some()).await
+        self.attempt(&client, donor, recorded).await
     }
 
     async fn connect(&self, node: &str) -> Result<PeerConnection, MembershipError> {
@@ -324,6 +318,57 @@ impl Joiner<'_> {
             "joined the cluster: streams begin where the copy ends"
         );
         Ok(())
+    }
+}
+
+/// Whether this node still has to join.
+pub(super) enum Standing {
+    /// No `join_from`, a join recorded as done, or a node that has replicated before
+    /// `join_from` was set (it has pgmm slots or applied a peer's changes): `join_from`
+    /// only ever affects a node's first start.
+    Member,
+    /// `recorded`: an earlier attempt is recorded (`copying`).
+    Joining { recorded: bool },
+}
+
+pub(super) async fn standing(
+    client: &Client,
+    config: &Config,
+) -> Result<Standing, MembershipError> {
+    if config.node.join_from.is_none() {
+        return Ok(Standing::Member);
+    }
+    let state: Option<(String, String)> = client
+        .query_opt("SELECT donor, state FROM pgmm.join_state", &[])
+        .await?
+        .map(|r| (r.get(0), r.get(1)));
+    match state {
+        Some((donor, state)) if state == "done" => {
+            tracing::debug!(%donor, "joined earlier; [node] join_from has no effect now");
+            Ok(Standing::Member)
+        }
+        Some(_) => Ok(Standing::Joining { recorded: true }),
+        None => {
+            let replicated: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pgmm.applied) \
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots \
+                                    WHERE database = pg_catalog.current_database() \
+                                      AND slot_name LIKE 'pgmm\\_%')",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if replicated {
+                tracing::info!(
+                    "[node] join_from is set, but this node has replicated before: it is a \
+                     member already and does not join"
+                );
+                Ok(Standing::Member)
+            } else {
+                Ok(Standing::Joining { recorded: false })
+            }
+        }
     }
 }
 
