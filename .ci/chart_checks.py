@@ -96,7 +96,8 @@ def by_kind(docs, kind, component=None):
     return found[0]
 
 
-def check(rendered, replicas):
+def check(rendered, replicas, donor="0"):
+    """donor: the ordinal every other node joins from, or "none" (join.enabled=false)."""
     replicas = int(replicas)
     docs = load_docs(rendered)
     sts = by_kind(docs, "StatefulSet")
@@ -179,11 +180,14 @@ def check(rendered, replicas):
             fail(f"node-{i}.toml: listen addresses do not match the container ports {ports}")
         if not c["postgres"]["url"].startswith("postgres://postgres:__PGMM_POSTGRES_PASSWORD__@127.0.0.1:5432/"):
             fail(f"node-{i}.toml: [postgres] url {c['postgres']['url']}")
+        want_join = None if donor == "none" or i == int(donor) else names[int(donor)]
+        if c["node"].get("join_from") != want_join:
+            fail(f"node-{i}.toml: [node] join_from {c['node'].get('join_from')!r}, expected {want_join!r}")
         for rule in c.get("ownership", []):
             if sum(k in rule for k in ("owner", "owner_column", "owner_key")) != 1:
                 fail(f"node-{i}.toml: ownership rule {rule} needs exactly one owner kind")
     print(f"  ok: {replicas} node configs ({', '.join(names)}), peers through {headless['metadata']['name']}, "
-          f"probes, security contexts, {slots} replication slots")
+          f"probes, security contexts, {slots} replication slots, join_from {'off' if donor == 'none' else 'node ' + names[int(donor)]}")
 
 
 def expect_rules(rules, *pairs):

@@ -108,6 +108,9 @@ at most one rule per table. Fails the rendering with a message that names the va
 {{- if gt (len $last) 58 }}
 {{- fail (printf "node.namePrefix: node name %q is longer than 58 characters" $last) }}
 {{- end }}
+{{- if and .Values.join.enabled (ge (int .Values.join.donorOrdinal) (int .Values.replicaCount)) }}
+{{- fail (printf "join.donorOrdinal: %d is not an ordinal of this cluster (replicaCount %d)" (int .Values.join.donorOrdinal) (int .Values.replicaCount)) }}
+{{- end }}
 {{- $tables := dict }}
 {{- range $i, $rule := .Values.ownership }}
 {{- if hasKey $tables $rule.table }}
@@ -135,6 +138,9 @@ config.example.toml are emitted: pgmm refuses unknown keys.
 [node]
 name = {{ include "pgmm.nodeName" . | toJson }}
 worker_threads = {{ int $v.node.workerThreads }}
+{{- if and $v.join.enabled (ne $ordinal (int $v.join.donorOrdinal)) }}
+join_from = {{ include "pgmm.nodeName" (dict "root" $root "ordinal" (int $v.join.donorOrdinal)) | toJson }}
+{{- end }}
 
 [cluster]
 name = {{ include "pgmm.clusterName" $root | toJson }}
