@@ -147,8 +147,7 @@ INSERT INTO accounts SELECT g, 'a', g * 1.5 FROM generate_series(1, $ACCOUNTS) g
 INSERT INTO orders (item, qty) SELECT 'item ' || g, 1 + g % 9 FROM generate_series(1, $ORDERS) g;
 INSERT INTO docs SELECT g, repeat(md5(g::text), 2000), decode(repeat(md5(g::text), 500), 'hex')
     FROM generate_series(1, $DOCS) g;
-VACUUM ANALYZE;
-" >/dev/null
+" -c "VACUUM ANALYZE" >/dev/null
 size=$(sql src postgres -tAc "SELECT pg_size_pretty(sum(pg_total_relation_size(c))::bigint) FROM unnest(array['accounts','orders','docs']::regclass[]) c")
 log "src tables: $size (with indexes and TOAST)"
 
@@ -213,10 +212,18 @@ for round in $(seq "$ROUNDS"); do
             dump | dump-z0)
                 z=(); [[ $system == dump-z0 ]] && z=(-Z0)
                 t0=$(now)
+                # The tables carry node a's pgmm triggers, whose functions live in schema pgmm,
+                # which the dump of three tables does not hold: pg_restore reports those (and
+                # only those) as errors, and they are checked to be that.
                 "$PG_BINDIR/pg_dump" -h 127.0.0.1 -p "${port[src]}" -U postgres -d postgres -Fc "${z[@]}" \
                     -t accounts -t orders -t docs \
-                    | "$PG_BINDIR/pg_restore" -h 127.0.0.1 -p "${port[dst]}" -U postgres -d target --exit-on-error
+                    | "$PG_BINDIR/pg_restore" -h 127.0.0.1 -p "${port[dst]}" -U postgres -d target \
+                        2>"$work/logs/restore.err" || true
                 t1=$(now)
+                if grep 'ERROR' "$work/logs/restore.err" | grep -vq 'schema "pgmm" does not exist'; then
+                    cat "$work/logs/restore.err" >&2
+                    die "pg_restore failed"
+                fi
                 elapsed=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
                 if [[ $system == dump ]]; then t_dump+=("$elapsed"); else t_z0+=("$elapsed"); fi
                 ;;

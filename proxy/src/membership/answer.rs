@@ -4,6 +4,7 @@
 //!
 //! [`Purpose::Request`]: crate::replication::peer::Purpose::Request
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -292,8 +293,9 @@ impl Answerer {
         })
         .await?;
         let chunk = self.config.replication.chunk_bytes;
+        let mut writers = Writers::load(&self.config, me).await?;
         for table in &tables {
-            send_table(conn, &client, me, table, chunk).await?;
+            send_table(conn, &client, &mut writers, table, chunk).await?;
         }
         send_tombstones(conn, &client, me, &tables, chunk).await?;
         let sequences = catalog::sequences(&client, &tables).await?;
@@ -313,7 +315,7 @@ impl Answerer {
 async fn send_table(
     conn: &mut PeerConnection,
     client: &Client,
-    me: &str,
+    writers: &mut Writers,
     table: &CopiedTable,
     chunk: usize,
 ) -> Result<(), MembershipError> {
@@ -338,20 +340,165 @@ async fn send_table(
         .iter()
         .map(|c| format!("t.{}", postgres_protocol::escape::escape_identifier(c)))
         .collect();
+    // Each row leads with its xmin, which `Writers` turns into the node that wrote it: one
+    // commit-timestamp lookup per distinct transaction rather than per row (a bulk-loaded
+    // table has a handful).
     let query = format!(
-        "COPY (WITH o AS MATERIALIZED (SELECT roident, substr(roname, 6) AS node \
-                                       FROM pg_catalog.pg_replication_origin \
-                                       WHERE roname LIKE 'pgmm\\_%') \
-               SELECT coalesce(o.node, {me}), {columns} FROM {only}{name} t \
-               LEFT JOIN o ON o.roident = (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident) \
-         TO STDOUT",
-        me = crate::pg::quote::replication_literal(me),
+        "COPY (SELECT t.xmin, {columns} FROM {only}{name} t) TO STDOUT",
         columns = columns.join(", "),
         only = if table.partitioned { "" } else { "ONLY " },
         name = table.sql_name,
     );
-    let rows = stream_copy(conn, client, &query, chunk).await?;
+    let stream = client.copy_out(&query).await?;
+    futures_util::pin_mut!(stream);
+    let mut pending: Vec<(u32, bytes::Bytes)> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut rows = 0u64;
+    while let Some(data) = stream.next().await {
+        let data = data?;
+        // One CopyData message is one row.
+        rows += 1;
+        let tab = data
+            .iter()
+            .position(|&b| b == b'\t')
+            .ok_or_else(|| MembershipError::Protocol("a COPY row without columns".into()))?;
+        let xid: u32 = std::str::from_utf8(&data[..tab])
+            .ok()
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| MembershipError::Protocol("a COPY row without its xmin".into()))?;
+        pending_bytes += data.len();
+        pending.push((xid, data.slice(tab..)));
+        if pending_bytes >= chunk {
+            send_rows(conn, writers, &mut pending, chunk).await?;
+            pending_bytes = 0;
+        }
+    }
+    send_rows(conn, writers, &mut pending, chunk).await?;
     conn.send_member(Member::TableDone { rows }).await?;
+    Ok(())
+}
+
+/// Which node wrote a row, by the transaction that wrote it (`pg_xact_commit_timestamp_origin`
+/// of its xmin): the node of origin `pgmm_<node>`, or this node for a local transaction (or one
+/// under another origin, or too old to have a commit timestamp).
+struct Writers {
+    lookup: Client,
+    me: String,
+    nodes: HashMap<u32, String>,
+    by_xid: HashMap<u32, usize>,
+    /// Node names, indexed by `by_xid`'s values.
+    names: Vec<String>,
+}
+
+/// Transactions remembered before the cache starts over: bounds its memory on a table
+/// written by millions of transactions.
+const WRITERS_CACHED: usize = 1 << 16;
+
+impl Writers {
+    async fn load(config: &Config, me: &str) -> Result<Writers, MembershipError> {
+        let lookup = crate::pg::connect(&config.postgres).await?;
+        let nodes = lookup
+            .query(
+                "SELECT roident, substr(roname, 6) FROM pg_catalog.pg_replication_origin \
+                 WHERE roname LIKE 'pgmm\\_%'",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get::<_, u32>(0), r.get::<_, String>(1)))
+            .collect();
+        Ok(Writers {
+            lookup,
+            me: me.to_owned(),
+            nodes,
+            by_xid: HashMap::new(),
+            names: Vec::new(),
+        })
+    }
+
+    /// Looks up the transactions of `xids` not known yet, in one query.
+    async fn resolve(&mut self, xids: &[u32]) -> Result<(), MembershipError> {
+        let mut unknown: Vec<String> = xids
+            .iter()
+            .filter(|x| !self.by_xid.contains_key(x))
+            .map(|x| x.to_string())
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        if self.by_xid.len() + unknown.len() > WRITERS_CACHED {
+            self.by_xid.clear();
+        }
+        let rows = self
+            .lookup
+            .query(
+                "SELECT x, (pg_catalog.pg_xact_commit_timestamp_origin(x::xid)).roident \
+                 FROM unnest($1::text[]) AS x",
+                &[&unknown],
+            )
+            .await?;
+        for row in rows {
+            let xid: u32 = row.get::<_, String>(0).parse().unwrap_or(0);
+            let node = row
+                .get::<_, Option<u32>>(1)
+                .and_then(|id| self.nodes.get(&id))
+                .unwrap_or(&self.me);
+            let index = match self.names.iter().position(|n| n == node) {
+                Some(i) => i,
+                None => {
+                    self.names.push(node.clone());
+                    self.names.len() - 1
+                }
+            };
+            self.by_xid.insert(xid, index);
+        }
+        Ok(())
+    }
+
+    fn name(&self, xid: u32) -> &str {
+        self.by_xid
+            .get(&xid)
+            .map(|&i| self.names[i].as_str())
+            .unwrap_or(&self.me)
+    }
+}
+
+/// Sends `pending` rows (each `\t` and its columns) as `node\tcolumns` lines, in `Rows`
+/// messages of about `chunk` bytes.
+async fn send_rows(
+    conn: &mut PeerConnection,
+    writers: &mut Writers,
+    pending: &mut Vec<(u32, bytes::Bytes)>,
+    chunk: usize,
+) -> Result<(), MembershipError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let xids: Vec<u32> = pending.iter().map(|(x, _)| *x).collect();
+    writers.resolve(&xids).await?;
+    let mut buf = BytesMut::with_capacity(chunk.min(1 << 20));
+    for (xid, row) in pending.drain(..) {
+        buf.extend_from_slice(writers.name(xid).as_bytes());
+        let mut rest: &[u8] = &row;
+        while !rest.is_empty() {
+            let room = chunk.saturating_sub(buf.len()).max(1);
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            buf.extend_from_slice(now);
+            rest = later;
+            if buf.len() >= chunk {
+                conn.send_member(Member::Rows {
+                    data: buf.split().freeze(),
+                })
+                .await?;
+            }
+        }
+    }
+    if !buf.is_empty() {
+        conn.send_member(Member::Rows { data: buf.freeze() })
+            .await?;
+    }
     Ok(())
 }
 
