@@ -44,8 +44,8 @@ fn ownership_toml() -> String {
     "[[ownership]]\ntable = \"public.accounts\"\nowner_column = \"home_node\"\n".to_owned()
 }
 
-/// Writes through node a's front door until stopped, reconnecting across restarts; counts
-/// the committed writes.
+/// Writes through one node's front door until stopped, reconnecting across restarts: orders
+/// with ids from `base` on, and updates of the accounts that node owns. Counts the commits.
 struct Writer {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
@@ -53,34 +53,33 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(conninfos: Vec<String>) -> Writer {
+    fn start(conninfo: String, node: &'static str, base: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let (s, d) = (stop.clone(), done.clone());
         let handle = std::thread::spawn(move || {
-            let mut dbs: Vec<Option<Db>> = conninfos.iter().map(|_| None).collect();
+            let mut db: Option<Db> = None;
             let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let i = (n as usize) % conninfos.len();
-                if dbs[i].is_none() {
-                    dbs[i] = Db::try_connect(&conninfos[i]).ok();
+                if db.is_none() {
+                    db = Db::try_connect(&conninfo).ok();
                 }
-                let Some(db) = &dbs[i] else {
+                let Some(conn) = &db else {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
+                n += 1;
                 let sql = format!(
-                    "INSERT INTO orders (id, item, qty) VALUES ({}, 'live {n}', 1); \
-                     UPDATE accounts SET balance = balance + 1 WHERE id = {} AND home_node = 'a';",
-                    50_000_000 + i as u64 * 10_000_000 + n,
+                    "INSERT INTO orders (id, item, qty) VALUES ({}, 'live {n} via {node}', 1); \
+                     UPDATE accounts SET balance = balance + 1 WHERE id = {} AND home_node = '{node}';",
+                    base + n,
                     1 + n % 500
                 );
-                match db.execute(&sql) {
+                match conn.execute(&sql) {
                     Ok(()) => {
                         d.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(_) => dbs[i] = None,
+                    Err(_) => db = None,
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -209,7 +208,7 @@ fn an_existing_database_becomes_a_three_node_cluster_by_joining_empty_nodes_unde
     let mut a = c.member_options(0, &[0, 1], None);
     a.extra_toml.push_str(&ownership_toml());
     c.start_pgmm_with(0, a);
-    let writer = Writer::start(vec![c.pgmm(0).conninfo("postgres", "postgres")]);
+    let writer = Writer::start(c.pgmm(0).conninfo("postgres", "postgres"), "a", 50_000_000);
     join(&mut c, 1, &[0, 1]);
     assert!(
         c.pgmm(1)
@@ -231,10 +230,13 @@ fn an_existing_database_becomes_a_three_node_cluster_by_joining_empty_nodes_unde
         o.extra_toml.push_str(&ownership_toml());
         c.start_pgmm_with(i, o);
     }
-    let writer2 = Writer::start(vec![c.pgmm(1).conninfo("postgres", "postgres")]);
+    let writer2 = Writer::start(c.pgmm(1).conninfo("postgres", "postgres"), "b", 60_000_000);
     join(&mut c, 2, &[0, 1, 2]);
-    let written = writer.stop() + writer2.stop();
-    assert!(written > 0, "the writers committed nothing");
+    let (by_a, by_b) = (writer.stop(), writer2.stop());
+    assert!(
+        by_a > 0 && by_b > 0,
+        "the writers committed {by_a} and {by_b}"
+    );
 
     // Writes through the joined nodes reach everyone.
     c.front_door(1)
@@ -280,6 +282,16 @@ fn an_existing_database_becomes_a_three_node_cluster_by_joining_empty_nodes_unde
              (pg_xact_commit_timestamp_origin((SELECT xmin FROM accounts WHERE id = 4242))).roident"
         ),
         "pgmm_a"
+    );
+    // An order b wrote as c joined is b's on c too, whether it came in a's copy (b's writes
+    // before c's Prepare are there) or in b's stream.
+    assert_eq!(
+        c.scalar(
+            2,
+            "SELECT roname FROM pg_replication_origin WHERE roident = \
+             (pg_xact_commit_timestamp_origin((SELECT xmin FROM orders WHERE id = 60000001))).roident"
+        ),
+        "pgmm_b"
     );
     let report = assert_check_agrees(&c, 2);
     assert!(report.contains("all 3 table(s) agree"), "{report}");

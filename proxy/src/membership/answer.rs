@@ -310,8 +310,8 @@ impl Answerer {
     }
 }
 
-/// Streams one table as COPY text, each row prefixed with the node that wrote it (from its
-/// commit's replication origin; this node when written here).
+/// Streams one table as COPY text in `Rows` messages grouped by the node that wrote each row
+/// (its commit's replication origin; this node when written here).
 async fn send_table(
     conn: &mut PeerConnection,
     client: &Client,
@@ -367,7 +367,7 @@ async fn send_table(
             .and_then(|x| x.parse().ok())
             .ok_or_else(|| MembershipError::Protocol("a COPY row without its xmin".into()))?;
         pending_bytes += data.len();
-        pending.push((xid, data.slice(tab..)));
+        pending.push((xid, data.slice(tab + 1..)));
         if pending_bytes >= chunk {
             send_rows(conn, writers, &mut pending, chunk).await?;
             pending_bytes = 0;
@@ -465,8 +465,8 @@ impl Writers {
     }
 }
 
-/// Sends `pending` rows (each `\t` and its columns) as `node\tcolumns` lines, in `Rows`
-/// messages of about `chunk` bytes.
+/// Sends `pending` rows (their columns, without the xmin) in `Rows` messages of about `chunk`
+/// bytes, one writer per message.
 async fn send_rows(
     conn: &mut PeerConnection,
     writers: &mut Writers,
@@ -478,28 +478,73 @@ async fn send_rows(
     }
     let xids: Vec<u32> = pending.iter().map(|(x, _)| *x).collect();
     writers.resolve(&xids).await?;
-    let mut buf = BytesMut::with_capacity(chunk.min(1 << 20));
+    let mut out = RowsOut::new(chunk);
     for (xid, row) in pending.drain(..) {
-        buf.extend_from_slice(writers.name(xid).as_bytes());
-        let mut rest: &[u8] = &row;
-        while !rest.is_empty() {
-            let room = chunk.saturating_sub(buf.len()).max(1);
+        let node = writers.name(xid).to_owned();
+        out.row(conn, &node, &row).await?;
+    }
+    out.flush(conn).await
+}
+
+/// `Rows` messages being filled: rows of one writer, up to about `chunk` bytes each.
+struct RowsOut {
+    chunk: usize,
+    node: String,
+    rows: u64,
+    buf: BytesMut,
+}
+
+impl RowsOut {
+    fn new(chunk: usize) -> RowsOut {
+        RowsOut {
+            chunk,
+            node: String::new(),
+            rows: 0,
+            buf: BytesMut::with_capacity(chunk.min(1 << 20)),
+        }
+    }
+
+    /// Adds one row (a COPY text line) written by `node`.
+    async fn row(
+        &mut self,
+        conn: &mut PeerConnection,
+        node: &str,
+        row: &[u8],
+    ) -> Result<(), MembershipError> {
+        if node != self.node {
+            self.flush(conn).await?;
+            self.node = node.to_owned();
+        }
+        let mut rest = row;
+        loop {
+            let room = self.chunk.saturating_sub(self.buf.len()).max(1);
             let (now, later) = rest.split_at(room.min(rest.len()));
-            buf.extend_from_slice(now);
+            self.buf.extend_from_slice(now);
             rest = later;
-            if buf.len() >= chunk {
-                conn.send_member(Member::Rows {
-                    data: buf.split().freeze(),
-                })
-                .await?;
+            if rest.is_empty() {
+                self.rows += 1;
+            }
+            if self.buf.len() >= self.chunk {
+                self.flush(conn).await?;
+            }
+            if rest.is_empty() {
+                return Ok(());
             }
         }
     }
-    if !buf.is_empty() {
-        conn.send_member(Member::Rows { data: buf.freeze() })
-            .await?;
+
+    async fn flush(&mut self, conn: &mut PeerConnection) -> Result<(), MembershipError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        conn.send_member(Member::Rows {
+            node: self.node.clone(),
+            rows: std::mem::take(&mut self.rows),
+            data: self.buf.split().freeze(),
+        })
+        .await?;
+        Ok(())
     }
-    Ok(())
 }
 
 /// The tombstones of the copied tables, as a table of their own (`pgmm.tombstones`).
@@ -525,51 +570,35 @@ async fn send_tombstones(
         0
     } else {
         let query = format!(
-            "COPY (SELECT {me}, table_name, key, deleted_at, origin FROM pgmm.tombstones \
+            "COPY (SELECT table_name, key, deleted_at, origin FROM pgmm.tombstones \
                    WHERE table_name IN ({})) TO STDOUT",
             labels.join(", "),
-            me = crate::pg::quote::replication_literal(me),
         );
-        stream_copy(conn, client, &query, chunk).await?
+        stream_copy(conn, client, me, &query, chunk).await?
     };
     conn.send_member(Member::TableDone { rows }).await?;
     Ok(())
 }
 
-/// Runs a `COPY ... TO STDOUT` and sends its output in `Rows` messages of about `chunk` bytes
-/// (a row larger than that is split across messages). Returns the row count.
+/// Runs a `COPY ... TO STDOUT` of rows written by `node` and sends its output in `Rows`
+/// messages of about `chunk` bytes. Returns the row count.
 async fn stream_copy(
     conn: &mut PeerConnection,
     client: &Client,
+    node: &str,
     query: &str,
     chunk: usize,
 ) -> Result<u64, MembershipError> {
     let stream = client.copy_out(query).await?;
     futures_util::pin_mut!(stream);
-    let mut buf = BytesMut::with_capacity(chunk.min(1 << 20));
+    let mut out = RowsOut::new(chunk);
     let mut rows = 0u64;
     while let Some(data) = stream.next().await {
-        let data = data?;
         // One CopyData message is one row.
+        out.row(conn, node, &data?).await?;
         rows += 1;
-        let mut rest: &[u8] = &data;
-        while !rest.is_empty() {
-            let room = chunk.saturating_sub(buf.len()).max(1);
-            let (now, later) = rest.split_at(room.min(rest.len()));
-            buf.extend_from_slice(now);
-            rest = later;
-            if buf.len() >= chunk {
-                conn.send_member(Member::Rows {
-                    data: buf.split().freeze(),
-                })
-                .await?;
-            }
-        }
     }
-    if !buf.is_empty() {
-        conn.send_member(Member::Rows { data: buf.freeze() })
-            .await?;
-    }
+    out.flush(conn).await?;
     Ok(rows)
 }
 

@@ -30,8 +30,6 @@ use crate::replication::pgoutput::format_lsn;
 const COPY_BUFFER: usize = 256 * 1024;
 /// How often the terminal gets a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// The longest origin name a row may carry (node names are at most 58 bytes).
-const MAX_ORIGIN: usize = 64;
 /// SQLSTATEs of a schema statement whose object is there already (or, for `OWNER TO`, whose
 /// role is not): the joiner keeps what it has.
 const ALREADY: &[&str] = &[
@@ -270,12 +268,17 @@ impl Joiner<'_> {
             let mut bytes = 0u64;
             loop {
                 match conn.recv_member().await? {
-                    Member::Rows { data } => {
-                        let n = loader.feed(data.clone()).await?;
+                    Member::Rows {
+                        node,
+                        rows: n,
+                        data,
+                    } => {
+                        let len = data.len() as u64;
+                        loader.feed(&node, data).await?;
                         rows += n;
-                        bytes += data.len() as u64;
+                        bytes += len;
                         rows_metric.inc_by(n);
-                        bytes_metric.inc_by(data.len() as u64);
+                        bytes_metric.inc_by(len);
                         if told.elapsed() >= PROGRESS_EVERY {
                             told = Instant::now();
                             let line = progress_line(&table, rows, estimate, bytes, done, total);
@@ -514,10 +517,6 @@ struct Loader<'a> {
     donor: &'a str,
     sessions: HashMap<String, Session>,
     copy: String,
-    /// The node of the row being read, once its prefix is complete.
-    current: Option<String>,
-    /// A prefix cut by a message boundary.
-    prefix: Vec<u8>,
 }
 
 struct Session {
@@ -533,15 +532,11 @@ impl<'a> Loader<'a> {
             donor,
             sessions: HashMap::new(),
             copy: String::new(),
-            current: None,
-            prefix: Vec::new(),
         }
     }
 
     fn start_table(&mut self, copy: String) {
         self.copy = copy;
-        self.current = None;
-        self.prefix.clear();
     }
 
     /// The session of `node`, opened (and its COPY begun) on first use.
@@ -583,54 +578,24 @@ impl<'a> Loader<'a> {
         Ok(session)
     }
 
-    /// Routes the rows in `data` (COPY text lines, each prefixed with its writer and a tab; a
-    /// line may continue in the next message) to their sessions. Returns the rows completed.
-    async fn feed(&mut self, data: Bytes) -> Result<u64, MembershipError> {
-        let mut rows = 0;
-        let mut rest = &data[..];
-        while !rest.is_empty() {
-            match self.current.clone() {
-                None => match rest.iter().position(|&b| b == b'\t') {
-                    Some(tab) => {
-                        self.prefix.extend_from_slice(&rest[..tab]);
-                        let node = String::from_utf8(std::mem::take(&mut self.prefix))
-                            .map_err(|_| MembershipError::Protocol("bad row prefix".to_owned()))?;
-                        self.current = Some(node);
-                        rest = &rest[tab + 1..];
-                    }
-                    None => {
-                        self.prefix.extend_from_slice(rest);
-                        rest = &[];
-                    }
-                },
-                Some(node) => {
-                    let end = rest.iter().position(|&b| b == b'\n');
-                    let take = end.map_or(rest.len(), |i| i + 1);
-                    let session = self.session(&node).await?;
-                    session.buffer.extend_from_slice(&rest[..take]);
-                    if session.buffer.len() >= COPY_BUFFER {
-                        let chunk = session.buffer.split().freeze();
-                        session.sink.as_mut().expect("open").send(chunk).await?;
-                    }
-                    rest = &rest[take..];
-                    if end.is_some() {
-                        self.current = None;
-                        rows += 1;
-                    }
-                }
-            }
-            if self.prefix.len() > MAX_ORIGIN {
-                return Err(MembershipError::Protocol("row prefix too long".to_owned()));
+    /// Writes `data` (COPY text of rows written by `node`; a row may continue in the next
+    /// message, of the same node) into that node's session.
+    async fn feed(&mut self, node: &str, data: Bytes) -> Result<(), MembershipError> {
+        let session = self.session(node).await?;
+        let sink = session.sink.as_mut().expect("open");
+        if session.buffer.is_empty() && data.len() >= COPY_BUFFER {
+            sink.send(data).await?;
+        } else {
+            session.buffer.extend_from_slice(&data);
+            if session.buffer.len() >= COPY_BUFFER {
+                sink.send(session.buffer.split().freeze()).await?;
             }
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// Ends the table's COPY in every session and commits each.
     async fn finish_table(&mut self) -> Result<(), MembershipError> {
-        if self.current.is_some() || !self.prefix.is_empty() {
-            return Err(MembershipError::Protocol("a row was cut short".to_owned()));
-        }
         for session in self.sessions.values_mut() {
             if let Some(mut sink) = session.sink.take() {
                 if !session.buffer.is_empty() {

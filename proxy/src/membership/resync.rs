@@ -114,7 +114,7 @@ pub async fn resync(
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {stage}; \
-             CREATE UNLOGGED TABLE {stage} AS SELECT NULL::text AS pgmm_origin, {} FROM {sql_name} WITH NO DATA",
+             CREATE UNLOGGED TABLE {stage} AS SELECT {} FROM {sql_name} WITH NO DATA",
             cols.join(", ")
         ))
         .await?;
@@ -124,7 +124,7 @@ pub async fn resync(
     futures_util::pin_mut!(sink);
     let received = loop {
         match conn.recv_member().await? {
-            Member::Rows { data } => sink.send(data).await?,
+            Member::Rows { data, .. } => sink.send(data).await?,
             Member::TableDone { rows } => break rows,
             other => return Err(unexpected(&other)),
         }

@@ -190,9 +190,13 @@ pub enum Member {
         columns: Vec<String>,
         estimated_rows: i64,
     },
-    /// COPY text rows, each line prefixed with the name of the node that wrote the row and a
-    /// tab. At most about `chunk_bytes` per message.
+    /// COPY text rows, all written by `node` (the receiver writes them under that node's
+    /// origin, so rows are grouped by writer rather than tagged one by one); `rows` of them end
+    /// in this message. At most about `chunk_bytes` per message: a longer row continues in the
+    /// next one, which has the same `node`.
     Rows {
+        node: String,
+        rows: u64,
         #[serde(with = "crate::replication::pgoutput::serde_bytes_compat")]
         data: bytes::Bytes,
     },
