@@ -299,9 +299,10 @@ fn an_existing_database_becomes_a_three_node_cluster_by_joining_empty_nodes_unde
 
 /// Gives node `i` the schema beforehand (the "schema only" join) with one addition: a trigger
 /// that fires even for the join's copy (ENABLE ALWAYS) and waits on advisory lock 4242, which
-/// the returned session holds. The copy of docs (the second table in name order) then stops
-/// at its first row until the session lets go, with accounts copied and most of docs
-/// (about 30 MB) not yet sent: the join is caught mid-copy without depending on its speed.
+/// the returned session holds. The copy of docs (after accounts: the donor sends the tables
+/// with the most rows first, in name order when it has no estimate) then stops at its first
+/// row until the session lets go, with accounts copied and most of docs (about 30 MB) not yet
+/// sent: the join is caught mid-copy without depending on its speed.
 fn pause_copy_at_docs(c: &TestCluster, i: usize) -> Db {
     c.exec(
         i,

@@ -278,14 +278,14 @@ impl Answerer {
         client
             .batch_execute("SET LOCAL search_path = pg_catalog")
             .await?;
-        let tables = catalog::tables(&client, only).await?;
+        let mut tables = catalog::tables(&client, only).await?;
         if tables.is_empty() && !only.is_empty() {
             return Err(MembershipError::Refused(format!(
                 "node {me} replicates no table named {}",
                 only.join(", ")
             )));
         }
-        let (pre, post) = catalog::schema(&client, &tables).await?;
+        let (pre, post) = catalog::schema(&client, &mut tables).await?;
         conn.send_member(Member::Schema {
             pre,
             post,
@@ -319,20 +319,11 @@ async fn send_table(
     table: &CopiedTable,
     chunk: usize,
 ) -> Result<(), MembershipError> {
-    let estimated: f32 = client
-        .query_one(
-            "SELECT greatest(sum(c.reltuples), 0)::real FROM pg_catalog.pg_class c \
-             WHERE c.oid = $1 \
-                OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass))",
-            &[&table.oid],
-        )
-        .await?
-        .get::<_, Option<f32>>(0)
-        .unwrap_or(0.0);
     conn.send_member(Member::Table {
         table: table.label.clone(),
         columns: table.columns.clone(),
-        estimated_rows: estimated as i64,
+        estimated_rows: table.estimated_rows as i64,
+        post: table.post.clone(),
     })
     .await?;
     let columns: Vec<String> = table
@@ -560,6 +551,7 @@ async fn send_tombstones(
         table: super::TOMBSTONES.to_owned(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
         estimated_rows: 0,
+        post: Vec::new(),
     })
     .await?;
     let labels: Vec<String> = tables

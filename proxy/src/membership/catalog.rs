@@ -27,6 +27,10 @@ pub struct CopiedTable {
     pub partitioned: bool,
     /// The columns a COPY carries: not dropped, not generated; in the table's order.
     pub columns: Vec<String>,
+    /// Its keys, checks and indexes (set by [`schema`] for a table that is not partitioned).
+    pub post: Vec<String>,
+    /// `pg_class.reltuples` of the table and its partitions (-1 or 0: unknown).
+    pub estimated_rows: f32,
 }
 
 /// The replicated tables (publication `pgmm`), or those of them named in `only`.
@@ -67,14 +71,29 @@ pub async fn tables(
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
+        let estimated_rows: f32 = client
+            .query_one(
+                "SELECT greatest(sum(c.reltuples), 0)::real FROM pg_catalog.pg_class c \
+                 WHERE c.oid = $1 \
+                    OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass))",
+                &[&oid],
+            )
+            .await?
+            .get::<_, Option<f32>>(0)
+            .unwrap_or(0.0);
         out.push(CopiedTable {
             oid,
             sql_name: row.get(4),
             label: table.to_string(),
             partitioned: row.get(3),
             columns,
+            post: Vec::new(),
+            estimated_rows,
         });
     }
+    // The largest first: the joiner builds a table's indexes while the next ones stream, so
+    // the one left to build after the last rows should be small.
+    out.sort_by(|a, b| b.estimated_rows.total_cmp(&a.estimated_rows));
     Ok(out)
 }
 
@@ -83,7 +102,7 @@ pub async fn tables(
 /// schema beforehand keeps its own.
 pub async fn schema(
     client: &Client,
-    tables: &[CopiedTable],
+    tables: &mut [CopiedTable],
 ) -> Result<(Vec<String>, Vec<String>), tokio_postgres::Error> {
     let roots: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     // The tables and all their partitions, parents first.
@@ -224,11 +243,20 @@ pub async fn schema(
     }
 
     // Constraints (foreign keys last: they may name another copied table), indexes, owners.
+    // A statement on a copied table that is not partitioned goes with that table (foreign keys
+    // excepted); the rest, in order, after every table.
+    let mut own = |relid: u32, sql: String, post: &mut Vec<String>| match tables
+        .iter_mut()
+        .find(|t| t.oid == relid && !t.partitioned)
+    {
+        Some(t) => t.post.push(sql),
+        None => post.push(sql),
+    };
     for row in client
         .query(
             "SELECT pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I %s', \
                         pg_catalog.format('%I.%I', n.nspname, c.relname), k.conname, \
-                        pg_catalog.pg_get_constraintdef(k.oid)) \
+                        pg_catalog.pg_get_constraintdef(k.oid)), k.conrelid, k.contype = 'f' \
              FROM pg_catalog.pg_constraint k \
              JOIN pg_catalog.pg_class c ON c.oid = k.conrelid \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -239,11 +267,15 @@ pub async fn schema(
         )
         .await?
     {
-        post.push(row.get(0));
+        if row.get::<_, bool>(2) {
+            post.push(row.get(0));
+        } else {
+            own(row.get(1), row.get(0), &mut post);
+        }
     }
     for row in client
         .query(
-            "SELECT pg_catalog.pg_get_indexdef(i.indexrelid) FROM pg_catalog.pg_index i \
+            "SELECT pg_catalog.pg_get_indexdef(i.indexrelid), i.indrelid FROM pg_catalog.pg_index i \
              WHERE i.indrelid = ANY($1) \
                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k \
                                WHERE k.conindid = i.indexrelid AND k.contype IN ('p', 'u', 'x')) \
@@ -256,7 +288,11 @@ pub async fn schema(
     {
         // On a partitioned parent the definition says ON ONLY, which would leave the index
         // invalid until each partition's is attached; here the partitions exist already.
-        post.push(row.get::<_, String>(0).replacen(" ON ONLY ", " ON ", 1));
+        own(
+            row.get(1),
+            row.get::<_, String>(0).replacen(" ON ONLY ", " ON ", 1),
+            &mut post,
+        );
     }
     for row in client
         .query(

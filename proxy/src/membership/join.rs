@@ -230,6 +230,7 @@ impl Joiner<'_> {
         )
         .await?;
         let mut loader = Loader::new(self.config, donor);
+        let mut builder = IndexBuilder::start(self.config).await?;
         let total = tables.len();
         let mut copied_rows = 0u64;
         for (done, _) in tables
@@ -237,12 +238,13 @@ impl Joiner<'_> {
             .chain(std::iter::once(&TOMBSTONES.to_owned()))
             .enumerate()
         {
-            let (table, columns, estimate) = match conn.recv_member().await? {
+            let (table, columns, estimate, keys) = match conn.recv_member().await? {
                 Member::Table {
                     table,
                     columns,
                     estimated_rows,
-                } => (table, columns, estimated_rows),
+                    post,
+                } => (table, columns, estimated_rows, post),
                 other => return Err(unexpected(&other)),
             };
             let sql_name = if table == TOMBSTONES {
@@ -295,6 +297,7 @@ impl Joiner<'_> {
                         }
                         copied_rows += rows;
                         tracing::info!(%table, rows, bytes, "table copied");
+                        builder.build(keys).await?;
                         break;
                     }
                     other => return Err(unexpected(&other)),
@@ -303,6 +306,7 @@ impl Joiner<'_> {
         }
         self.joining
             .set(format!("joining from {donor}: building keys and indexes"));
+        builder.finish().await?;
         run_schema(client, &post).await?;
         let (snapshot_lsn, sequences) = match conn.recv_member().await? {
             Member::Done {
@@ -460,6 +464,65 @@ async fn run_schema(client: &Client, statements: &[String]) -> Result<(), Member
         }
     }
     Ok(())
+}
+
+/// Builds each copied table's keys and indexes on a session of its own, in the background,
+/// while the next table streams: the load of one table and the index builds of another use
+/// different cores (a COPY is one backend's work).
+struct IndexBuilder {
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    task: AbortOnDrop<Result<(), MembershipError>>,
+}
+
+impl IndexBuilder {
+    async fn start(config: &Config) -> Result<IndexBuilder, MembershipError> {
+        let session = crate::pg::connect(&config.postgres).await?;
+        let (queue, mut work) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let task = tokio::spawn(async move {
+            while let Some(statements) = work.recv().await {
+                run_schema(&session, &statements).await?;
+            }
+            Ok(())
+        });
+        Ok(IndexBuilder {
+            queue,
+            task: AbortOnDrop(task),
+        })
+    }
+
+    /// Queues one table's statements; fails with an earlier build's error.
+    async fn build(&mut self, statements: Vec<String>) -> Result<(), MembershipError> {
+        if statements.is_empty() || self.queue.send(statements).is_ok() {
+            return Ok(());
+        }
+        // The builder stopped: it failed.
+        Self::outcome(&mut self.task).await
+    }
+
+    /// Waits for every queued build.
+    async fn finish(self) -> Result<(), MembershipError> {
+        let IndexBuilder { queue, mut task } = self;
+        drop(queue);
+        Self::outcome(&mut task).await
+    }
+
+    async fn outcome(
+        task: &mut AbortOnDrop<Result<(), MembershipError>>,
+    ) -> Result<(), MembershipError> {
+        match (&mut task.0).await {
+            Ok(result) => result,
+            Err(e) => Err(MembershipError::Protocol(format!("index builder: {e}"))),
+        }
+    }
+}
+
+/// A task aborted when its handle goes (an attempt that fails stops its builds).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Sequences, where each stream begins, and the join's end, in one transaction.

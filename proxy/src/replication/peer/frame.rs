@@ -189,6 +189,10 @@ pub enum Member {
         table: String,
         columns: Vec<String>,
         estimated_rows: i64,
+        /// This table's keys, checks and indexes: the joiner builds them once its rows are in,
+        /// while the next table streams (foreign keys and owners stay in `Schema::post`).
+        #[serde(default)]
+        post: Vec<String>,
     },
     /// COPY text rows, all written by `node` (the receiver writes them under that node's
     /// origin, so rows are grouped by writer rather than tagged one by one); `rows` of them end
