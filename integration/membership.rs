@@ -496,10 +496,38 @@ fn a_node_on_postgres_18_joins_from_a_donor_on_15() {
     let mut c = TestCluster::prepare(2, opts);
     assert!(c.pg(1).version().contains(" 18."), "{}", c.pg(1).version());
     load_existing_database(&c, 5_000, 5_000, 20);
+    // And what the schema copy must rebuild beyond plain tables: an enum, a partitioned table
+    // with its partitions and a key on the parent, identity and generated columns.
+    c.exec(
+        0,
+        "CREATE TYPE mood AS ENUM ('calm', 'busy'); \
+         CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, day date NOT NULL, \
+                              m mood NOT NULL DEFAULT 'calm', n int, twice int GENERATED ALWAYS AS (n * 2) STORED, \
+                              updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (id, day)) \
+             PARTITION BY RANGE (day); \
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); \
+         CREATE TABLE events_rest PARTITION OF events DEFAULT; \
+         INSERT INTO events (day, m, n) SELECT date '2026-06-01' + (g % 400), \
+             (CASE WHEN g % 2 = 0 THEN 'busy' ELSE 'calm' END)::mood, g FROM generate_series(1, 3000) g;",
+    );
     let mut a = c.member_options(0, &[0, 1], None);
     a.extra_toml.push_str(&ownership_toml());
     c.start_pgmm_with(0, a);
     join(&mut c, 1, &[0, 1]);
+    let events = "SELECT count(*), sum(twice), count(*) FILTER (WHERE m = 'busy') FROM events";
+    assert_eq!(c.rows(1, events), c.rows(0, events));
+    assert_eq!(
+        c.scalar(1, "SELECT count(*) FROM events_rest"),
+        c.scalar(0, "SELECT count(*) FROM events_rest")
+    );
+    c.front_door(1)
+        .exec("INSERT INTO events (day, n) VALUES ('2026-07-01', 21)");
+    c.wait_nodes(
+        "18's event on 15",
+        &[0],
+        "SELECT twice FROM events WHERE n = 21 AND day = '2026-07-01'",
+        "42",
+    );
     c.front_door(1)
         .exec("INSERT INTO orders (id, item, qty) VALUES (900001, 'from 18', 3)");
     c.front_door(0)
