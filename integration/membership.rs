@@ -396,6 +396,11 @@ fn a_join_interrupted_by_killing_the_joiner_its_postgres_or_the_donor_starts_ove
         log.contains("join attempt failed") && log.contains("joined the cluster"),
         "{log}"
     );
+    assert!(
+        c.pgmm(1).metric_value("pgmm_join_failures_total") >= Some(1.0),
+        "{}",
+        c.pgmm(1).metrics()
+    );
 
     // The donor's pgmm killed while c copies from it: c retries until the donor is back.
     for i in [0, 1] {

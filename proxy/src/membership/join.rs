@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio_postgres::{Client, CopyInSink};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,7 @@ pub struct JoinMetrics {
     rows: IntCounterVec,
     bytes: IntCounterVec,
     joining: IntGauge,
+    failures: IntCounter,
 }
 
 impl JoinMetrics {
@@ -64,13 +65,20 @@ impl JoinMetrics {
             "pgmm_joining",
             "1 while this node joins the cluster (copying from its donor), else 0.",
         )?;
+        let failures = IntCounter::new(
+            "pgmm_join_failures_total",
+            "Join attempts that failed and started over (the donor or another node unreachable, \
+             a schema statement that failed here, the local Postgres restarted).",
+        )?;
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(joining.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
         Ok(JoinMetrics {
             rows,
             bytes,
             joining,
+            failures,
         })
     }
 }
@@ -105,6 +113,7 @@ impl Joiner<'_> {
                 Ok(()) => break Ok(()),
                 Err(e @ MembershipError::NotEmpty(_)) => break Err(e),
                 Err(e) => {
+                    self.metrics.failures.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         %donor,
