@@ -19,6 +19,10 @@ use crate::replication::peer::{
 
 /// Buckets per table: a differing bucket costs reading its rows on every node.
 const BUCKETS: u32 = 1024;
+/// The most rows (by the buckets' counts) read to narrow differing buckets down to rows: the
+/// checker holds a hash per row it reads, so a table that differs nearly everywhere (a node
+/// without it) has its first buckets listed and the rest counted.
+const ROW_BUDGET: i64 = 100_000;
 /// How many times a differing row is read before it is reported, and the pause between.
 const ROUNDS: usize = 4;
 const ROUND_PAUSE: Duration = Duration::from_secs(1);
@@ -36,6 +40,16 @@ pub struct TableReport {
     /// Rows per node.
     pub rows: Vec<(String, i64)>,
     pub differing: Vec<RowDiff>,
+    /// Differing buckets past [`ROW_BUDGET`], not narrowed down, and their rows (the largest
+    /// count among the nodes).
+    pub unlisted_buckets: usize,
+    pub unlisted_rows: i64,
+}
+
+impl TableReport {
+    pub fn agrees(&self) -> bool {
+        self.differing.is_empty() && self.unlisted_buckets == 0
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,14 +59,14 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn agree(&self) -> bool {
-        self.tables.iter().all(|t| t.differing.is_empty())
+        self.tables.iter().all(TableReport::agrees)
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
         for t in &self.tables {
             let counts: Vec<String> = t.rows.iter().map(|(n, r)| format!("{n} {r}")).collect();
-            if t.differing.is_empty() {
+            if t.agrees() {
                 let _ = writeln!(
                     out,
                     "{}: identical on every node (rows: {})",
@@ -68,6 +82,14 @@ impl CheckReport {
                 t.differing.len(),
                 counts.join(", ")
             );
+            if t.unlisted_buckets > 0 {
+                let _ = writeln!(
+                    out,
+                    "  and {} more key bucket(s) differ (about {} rows), not listed: more than \
+                     {ROW_BUDGET} rows to compare; `pgmm resync` copies the table again",
+                    t.unlisted_buckets, t.unlisted_rows
+                );
+            }
             for d in &t.differing {
                 let _ = writeln!(out, "  key {}", d.key);
                 for (node, v) in &d.versions {
@@ -82,11 +104,7 @@ impl CheckReport {
                 }
             }
         }
-        let differ = self
-            .tables
-            .iter()
-            .filter(|t| !t.differing.is_empty())
-            .count();
+        let differ = self.tables.iter().filter(|t| !t.agrees()).count();
         if differ == 0 {
             let _ = writeln!(out, "all {} table(s) agree", self.tables.len());
         } else {
@@ -173,6 +191,21 @@ impl Node {
     }
 }
 
+/// Keeps in `buckets` those whose rows, added up in order, stay within `budget` (at least the
+/// first), and returns the rest.
+fn split_at_budget(buckets: &mut Vec<u32>, rows: &impl Fn(&u32) -> i64, budget: i64) -> Vec<u32> {
+    let mut used = 0i64;
+    let keep = buckets
+        .iter()
+        .enumerate()
+        .take_while(|(i, b)| {
+            used += rows(b);
+            *i == 0 || used <= budget
+        })
+        .count();
+    buckets.split_off(keep)
+}
+
 /// Compares every replicated table of this node with every peer.
 pub async fn check(config: &Config) -> Result<CheckReport, MembershipError> {
     let local = hashes::session(config).await?;
@@ -234,10 +267,19 @@ pub async fn check(config: &Config) -> Result<CheckReport, MembershipError> {
             .map(|((name, _), b)| (name.clone(), b.values().map(|(r, _)| r).sum()))
             .collect();
         let all: BTreeSet<u32> = per_node.iter().flat_map(|m| m.keys().copied()).collect();
-        let differing: Vec<u32> = all
+        let mut differing: Vec<u32> = all
             .into_iter()
             .filter(|b| per_node.iter().any(|m| m.get(b) != per_node[0].get(b)))
             .collect();
+        let bucket_rows = |b: &u32| {
+            per_node
+                .iter()
+                .filter_map(|m| m.get(b).map(|(r, _)| *r))
+                .max()
+                .unwrap_or(0)
+        };
+        let unlisted = split_at_budget(&mut differing, &bucket_rows, ROW_BUDGET);
+        let unlisted_rows = unlisted.iter().map(bucket_rows).sum();
         let mut suspects: Option<BTreeSet<String>> = None;
         let mut last: BTreeMap<String, Vec<Option<(String, String)>>> = BTreeMap::new();
         for round in 0..ROUNDS {
@@ -288,7 +330,47 @@ pub async fn check(config: &Config) -> Result<CheckReport, MembershipError> {
             table: t.label.clone(),
             rows,
             differing,
+            unlisted_buckets: unlisted.len(),
+            unlisted_rows,
         });
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_past_the_row_budget_are_counted_not_listed() {
+        let rows = |b: &u32| i64::from(*b) * 10;
+        let mut buckets = vec![1, 2, 3, 4, 5];
+        let rest = split_at_budget(&mut buckets, &rows, 60);
+        assert_eq!((buckets, rest), (vec![1, 2, 3], vec![4, 5]));
+        // The first bucket is always read, however many rows it has.
+        let mut buckets = vec![9, 1];
+        let rest = split_at_budget(&mut buckets, &rows, 5);
+        assert_eq!((buckets, rest), (vec![9], vec![1]));
+    }
+
+    #[test]
+    fn a_table_with_unlisted_buckets_does_not_agree() {
+        let report = CheckReport {
+            tables: vec![TableReport {
+                table: "public.t".into(),
+                rows: vec![("a".into(), 500_000), ("b".into(), 0)],
+                differing: Vec::new(),
+                unlisted_buckets: 1000,
+                unlisted_rows: 490_000,
+            }],
+        };
+        assert!(!report.agree());
+        let text = report.render();
+        assert!(text.contains("public.t: 0 row(s) DIFFER"), "{text}");
+        assert!(
+            text.contains("1000 more key bucket(s) differ (about 490000 rows)"),
+            "{text}"
+        );
+        assert!(text.contains("1 of 1 table(s) differ"), "{text}");
+    }
 }
