@@ -127,7 +127,6 @@ enum Node {
 impl Node {
     async fn buckets(
         &mut self,
-        config: &Config,
         table: &str,
         columns: &[String],
         key: &[String],
@@ -135,7 +134,6 @@ impl Node {
         match self {
             Node::Local(client) => hashes::buckets(client, table, columns, key, BUCKETS).await,
             Node::Peer(conn) => {
-                let _ = config;
                 conn.send_member(Member::HashBuckets {
                     table: table.to_owned(),
                     columns: columns.to_vec(),
@@ -253,7 +251,7 @@ pub async fn check(config: &Config) -> Result<CheckReport, MembershipError> {
         columns.sort();
         let mut per_node: Vec<BTreeMap<u32, (i64, String)>> = Vec::new();
         for (_, node) in nodes.iter_mut() {
-            let hashes = node.buckets(config, &t.label, &columns, key).await?;
+            let hashes = node.buckets(&t.label, &columns, key).await?;
             per_node.push(
                 hashes
                     .into_iter()
