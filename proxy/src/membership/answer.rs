@@ -63,6 +63,9 @@ impl RequestHandler for Answerer {
 
 impl Answerer {
     async fn answer(&self, conn: &mut PeerConnection, peer: &str) -> Result<(), MembershipError> {
+        // One session for the link's small requests (`pgmm check` sends two per table),
+        // opened at the first that needs it.
+        let mut session: Option<Client> = None;
         loop {
             let request = match conn.recv_member().await {
                 Ok(m) => m,
@@ -70,7 +73,7 @@ impl Answerer {
                 Err(crate::replication::peer::MemberError::Frame(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            if self.joining().await? {
+            if self.joining(&mut session).await? {
                 if let Member::Prepare { .. } = request {
                     // This node has written nothing yet, and its first write will come after
                     // its slot for the caller exists: the caller streams it from that slot's
@@ -99,8 +102,8 @@ impl Answerer {
                     key,
                     buckets,
                 } => {
-                    let client = hashes::session(&self.config).await?;
-                    let hashes = hashes::buckets(&client, &table, &columns, &key, buckets).await?;
+                    let client = self.session(&mut session).await?;
+                    let hashes = hashes::buckets(client, &table, &columns, &key, buckets).await?;
                     conn.send_member(Member::BucketHashes { hashes }).await?;
                 }
                 Member::HashRows {
@@ -110,9 +113,9 @@ impl Answerer {
                     buckets,
                     which,
                 } => {
-                    let client = hashes::session(&self.config).await?;
+                    let client = self.session(&mut session).await?;
                     let rows = hashes::rows(
-                        &client,
+                        client,
                         &self.config,
                         &table,
                         &columns,
@@ -135,15 +138,26 @@ impl Answerer {
 
     /// Whether this node is itself joining (see [`standing`]): its peer port is open during
     /// its join so that joiners can prepare each other.
-    async fn joining(&self) -> Result<bool, MembershipError> {
+    async fn joining(&self, session: &mut Option<Client>) -> Result<bool, MembershipError> {
         if self.config.node.join_from.is_none() {
             return Ok(false);
         }
-        let client = crate::pg::connect(&self.config.postgres).await?;
+        let client = self.session(session).await?;
         Ok(matches!(
-            standing(&client, &self.config).await?,
+            standing(client, &self.config).await?,
             Standing::Joining { .. }
         ))
+    }
+
+    /// The link's session (with the fixed settings hashes need), opened on first use.
+    async fn session<'s>(
+        &self,
+        session: &'s mut Option<Client>,
+    ) -> Result<&'s Client, MembershipError> {
+        if session.is_none() {
+            *session = Some(hashes::session(&self.config).await?);
+        }
+        Ok(session.as_ref().expect("opened above"))
     }
 
     /// A joiner asks this node (not its donor) to be ready: the slot for the joiner exists, and
